@@ -1,0 +1,146 @@
+"""What every pipeline shares: CLI parsing, Ray start-up, MLflow and storage wiring.
+
+This is the only layer where Ray and MLflow meet the `san` library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python pipelines/x.py` puts pipelines/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
+
+from san.config import Config, ConfigError, load_config  # noqa: E402
+from san.storage import StorageError, check_storage  # noqa: E402
+
+log = logging.getLogger("san")
+
+DEFAULT_TRACKING_DIR = ROOT / "outputs"
+CONFIG_DIR = ROOT / "pipelines" / "configs"
+
+# Variables a Ray worker needs to reach the same services as the driver. Only
+# names travel in code; the values come from the driver's environment.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line, exit code 2."""
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=str(CONFIG_DIR / "default.yaml"),
+        help="YAML config file (default: pipelines/configs/default.yaml)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. model.n_clusters=27 optim.lr=3e-4"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, or the embedded default: a local SQLite database."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_TRACKING_DIR.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_TRACKING_DIR / 'mlflow.db'}"
+
+
+def resolve_storage(url: str) -> str:
+    """Relative local storage paths are relative to the project root, as absolute paths."""
+    if "://" in url:
+        return url
+    path = Path(url)
+    return str(path if path.is_absolute() else (ROOT / path).resolve())
+
+
+def worker_env() -> dict[str, str]:
+    """Environment for Ray workers: service endpoints and credentials, by name."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri()
+    env["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    return env
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster when there is one (RAY_ADDRESS, `ray job submit`), else start locally."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env()}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env)
+
+
+def check_services(cfg: Config) -> None:
+    """Fail fast, before any worker starts, when storage or MLflow is unreachable."""
+    try:
+        check_storage(resolve_storage(cfg.run.storage))
+    except StorageError as exc:
+        raise UserError(str(exc)) from None
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).read()
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"MLflow server {uri} is unreachable: {reason}") from None
+
+
+def print_result(result: dict[str, Any]) -> None:
+    """The last stdout line is one JSON object, for scripts and tests."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=float), flush=True)
+
+
+def run_main(main) -> None:
+    """Run a pipeline's main with one-line errors for what the user can fix."""
+    setup_logging()
+    try:
+        main()
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def timer() -> float:
+    return time.perf_counter()

@@ -1,0 +1,263 @@
+"""The training loop that runs on every Ray Train worker, and the shared evaluation.
+
+`train_loop` is the function `TorchTrainer` runs per worker; `pipelines/train.py`
+and `pipelines/tune.py` both use it, so there is one copy of the training code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from pipelines.tracking import RunLogger
+from san import storage
+from san.config import Config, from_dict
+from san.data import (
+    DataError,
+    StreamDataset,
+    create_dataset,
+    eval_sample_transform,
+    train_pair_transform,
+)
+from san.data.transforms import denormalize
+from san.engine import Trainer, evaluate, seed_everything
+from san.metrics import linear_probe, random_assignment_scores, scalar_metrics, segmentation_scores
+from san.models import create_model
+from san.viz import confusion_plot, overlay_panel
+
+log = logging.getLogger("san")
+
+PROBE_PIXELS_PER_IMAGE = 64
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float] = field(default_factory=dict)
+    scores: dict = field(default_factory=dict)
+    pictures: dict[str, bytes] = field(default_factory=dict)
+
+
+def eval_classes(cfg: Config, source) -> int:
+    n_classes = cfg.data.n_classes or source.n_classes
+    if not n_classes:
+        raise DataError(
+            f"the {cfg.data.dataset!r} data at {cfg.data.root!r} declares no classes; "
+            "set data.n_classes"
+        )
+    return n_classes
+
+
+def run_evaluation(
+    model: torch.nn.Module,
+    cfg: Config,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    pictures: bool = True,
+) -> Evaluation:
+    """Evaluate on the val split: each rank streams its part, confusion matrices are summed.
+
+    Scores, the random-assignment floor, the linear probe and pictures come from
+    rank 0 (the probe uses rank 0's labelled pixels: half of its images to fit, the
+    other half to score).
+    """
+    source = create_dataset(cfg.data, cfg.data.val_split)
+    n_classes = eval_classes(cfg, source)
+    stream = StreamDataset(
+        source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
+    )
+    loader = DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
+    is_main = rank == 0
+    max_images = math.ceil(cfg.data.max_val_images / world_size) if cfg.data.max_val_images else 0
+    result = evaluate(
+        model,
+        loader,
+        n_classes,
+        device,
+        precision=cfg.optim.precision,
+        n_viz=cfg.run.n_viz_images if is_main and pictures else 0,
+        probe_pixels_per_image=PROBE_PIXELS_PER_IMAGE if is_main and cfg.run.probe_steps else 0,
+        max_images=max_images,
+    )
+    matrix = result.confusion.matrix
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(matrix)
+    if not is_main or int(matrix.sum()) == 0:
+        return Evaluation()
+    scores = segmentation_scores(matrix, class_names=source.class_names)
+    metrics = scalar_metrics(scores)
+    floor = random_assignment_scores(matrix, model.n_clusters, seed=cfg.run.seed)
+    metrics["random_miou"] = floor["miou"]
+    metrics["random_pixel_accuracy"] = floor["pixel_accuracy"]
+    if len(result.probe_features) >= 2:
+        half = len(result.probe_features) // 2
+        feats, labels = result.probe_features, result.probe_labels
+        metrics.update(
+            linear_probe(
+                torch.cat(feats[:half]),
+                torch.cat(labels[:half]),
+                torch.cat(feats[half:]),
+                torch.cat(labels[half:]),
+                n_classes,
+                steps=cfg.run.probe_steps,
+                seed=cfg.run.seed,
+            )
+        )
+    evaluation = Evaluation(metrics=metrics, scores=scores)
+    if result.viz_images:
+        evaluation.pictures["overlay.png"] = overlay_panel(
+            denormalize(torch.stack(result.viz_images)),
+            torch.stack(result.viz_preds),
+            torch.stack(result.viz_labels),
+            mapping=scores["mapping"],
+        )
+        evaluation.pictures["confusion.png"] = confusion_plot(
+            matrix.cpu().numpy(), source.class_names, scores["mapping"]
+        )
+    return evaluation
+
+
+def capture_rng() -> dict:
+    # Only torch's generator drives training randomness (data augmentation is seeded
+    # per sample), and a tensor keeps the checkpoint loadable with weights_only=True.
+    return {"torch": torch.get_rng_state()}
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+def _broadcast(obj, rank: int):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def train_loop(loop_config: dict) -> None:
+    """Per-worker training: resume, stream this rank's data, step, evaluate, checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = from_dict(loop_config["config"])
+    run_id: str | None = loop_config.get("mlflow_run_id")
+    storage_url: str = loop_config["storage_url"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+    seed_everything(cfg.run.seed)  # same init on every rank; DDP also broadcasts rank 0's
+
+    model = create_model(cfg)
+    state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state, _ = storage.load_checkpoint(directory)
+        model.load_state_dict(state["model"])
+    start_step = state["step"] if state else 0
+    core = model
+    model = ray.train.torch.prepare_model(model)
+    trainer = Trainer(model, cfg, device)
+    if state:
+        trainer.load_state_dict(state["trainer"])
+        restore_rng(state["rng"])
+        if rank == 0:
+            log.info("resumed from step %d", start_step)
+
+    stream = StreamDataset(
+        create_dataset(cfg.data, cfg.data.train_split),
+        train_pair_transform(cfg.data),
+        rank,
+        world_size,
+        seed=cfg.run.seed + rank * 7919 + start_step,  # fresh, reproducible data after a resume
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=cfg.optim.batch_size,
+        num_workers=cfg.data.loader_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=cfg.data.loader_workers > 0,
+        prefetch_factor=4 if cfg.data.loader_workers > 0 else None,
+    )
+    logger = RunLogger(run_id) if rank == 0 and run_id else None
+    if logger and state:
+        logger.tag("san.resumed_at_step", str(start_step))
+    batches = iter(loader)
+    images_seen, window_start = 0, time.perf_counter()
+    step = start_step
+    while step < cfg.optim.max_steps:
+        batch = next(batches)
+        losses = trainer.step(batch)
+        step += 1
+        images_seen += batch["view1"].shape[0] * world_size
+        if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
+            elapsed = time.perf_counter() - window_start
+            throughput = images_seen / max(elapsed, 1e-9)
+            losses["img_per_s"] = throughput
+            losses["lr"] = trainer.scheduler.get_last_lr()[0]
+            if rank == 0:
+                terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items() if k[:5] == "loss_")
+                log.info(
+                    "step %d/%d loss %.4f (%s) | %.1f img/s | lr %.2e",
+                    step,
+                    cfg.optim.max_steps,
+                    losses["loss"],
+                    terms,
+                    throughput,
+                    losses["lr"],
+                )
+                if logger:
+                    logger.metrics(losses, step)
+            images_seen, window_start = 0, time.perf_counter()
+        if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
+            evaluation = run_evaluation(core, cfg, device, rank, world_size)
+            metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
+            metrics = _broadcast(metrics, rank)
+            name = checkpoint_name(step)
+            uri = storage.join(storage_url, name)
+            if rank == 0:
+                log.info(
+                    "eval step %d: mIoU %.4f pixel acc %.4f (random floor mIoU %.4f) -> %s",
+                    step,
+                    metrics.get("miou", float("nan")),
+                    metrics.get("pixel_accuracy", float("nan")),
+                    metrics.get("random_miou", float("nan")),
+                    uri,
+                )
+                if logger:
+                    logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                    for picture, data in evaluation.pictures.items():
+                        logger.artifact(data, f"pictures/step_{step:07d}_{picture}")
+                    logger.tag("checkpoint_uri", uri)
+                state = {
+                    "model": core.state_dict(),
+                    "trainer": trainer.state_dict(),
+                    "step": step,
+                    "rng": capture_rng(),
+                    "mlflow_run_id": run_id,
+                }
+                with tempfile.TemporaryDirectory() as directory:
+                    storage.save_checkpoint(directory, state, cfg.to_dict())
+                    ray.train.report(
+                        metrics,
+                        checkpoint=ray.train.Checkpoint.from_directory(directory),
+                        checkpoint_dir_name=name,
+                    )
+            else:
+                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    if logger:
+        logger.close(os.path.join(tempfile.gettempdir(), "san-mlflow-spill"))

@@ -1,0 +1,194 @@
+"""MLflow wiring: one run per training job, resumed by run name; resilient logging.
+
+Only the driver creates runs; only rank 0 of a training job logs into them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, RunStatus
+from mlflow.tracking import MlflowClient
+
+from pipelines.common import DEFAULT_TRACKING_DIR, tracking_uri
+from san.config import Config
+
+log = logging.getLogger("san")
+
+RUN_NAME_TAG = "san.run_name"
+STORAGE_TAG = "san.storage"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    """The experiment's id, creating it (with a local artifact root for local SQLite)."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri().startswith("sqlite:"):
+        artifact_location = (DEFAULT_TRACKING_DIR / "mlartifacts").resolve().as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created concurrently by another driver
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def find_run(cfg: Config, storage: str) -> str | None:
+    """The run of an earlier job with the same name and storage (so a rerun resumes it)."""
+    runs = client().search_runs(
+        [experiment_id(cfg.run.experiment)],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' "
+        f"and tags.`{STORAGE_TAG}` = '{storage}'",
+        max_results=1,
+    )
+    return runs[0].info.run_id if runs else None
+
+
+def system_tags() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {
+        "sys.python": platform.python_version(),
+        "sys.torch": torch.__version__,
+        "sys.ray": ray.__version__,
+        "sys.mlflow": mlflow.__version__,
+        "sys.host": platform.node(),
+        "sys.platform": platform.platform(),
+        "sys.cuda": str(torch.cuda.is_available()),
+    }
+
+
+def start_run(cfg: Config, storage: str, parent_run_id: str | None = None) -> tuple[str, bool]:
+    """Create the job's run, or reopen the one with the same name; returns (run_id, resumed)."""
+    mlflow_client = client()
+    run_id = find_run(cfg, storage)
+    params = {k: "null" if v is None else str(v) for k, v in cfg.flat().items()}
+    if run_id is not None:
+        mlflow_client.update_run(run_id, status="RUNNING")
+        old = mlflow_client.get_run(run_id).data.params
+        changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        fresh = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in old]
+        if fresh:
+            mlflow_client.log_batch(run_id, params=fresh)
+        if changed:  # params are immutable in MLflow: record what the resume changed as a tag
+            mlflow_client.set_tag(run_id, "san.resume_changed", json.dumps(changed)[:4900])
+        return run_id, True
+    tags = {RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage, **system_tags()}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = mlflow_client.create_run(
+        experiment_id(cfg.run.experiment), run_name=cfg.run.name, tags=tags
+    )
+    items = [mlflow.entities.Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 90):
+        mlflow_client.log_batch(run.info.run_id, params=items[i : i + 90])
+    return run.info.run_id, False
+
+
+def end_run(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status=status)
+
+
+class RunLogger:
+    """Logs metrics and artifacts to one run; never lets an MLflow outage stop training.
+
+    Failed calls are kept in memory and retried on the next call; a clear warning
+    is printed once per outage; what is still unsent at `close()` is written as
+    JSON lines beside the checkpoints' local outputs so nothing is lost.
+    """
+
+    def __init__(self, run_id: str, uri: str | None = None) -> None:
+        self.run_id = run_id
+        self.client = MlflowClient(uri or tracking_uri())
+        self.pending_metrics: list[Metric] = []
+        self.pending_artifacts: list[tuple[bytes, str]] = []
+        self.failing = False
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending_metrics += [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.flush()
+
+    def artifact(self, data: bytes, path: str) -> None:
+        self.pending_artifacts.append((data, path))
+        self.flush()
+
+    def tag(self, key: str, value: str) -> None:
+        self._call(lambda: self.client.set_tag(self.run_id, key, value))
+
+    def flush(self) -> bool:
+        def send() -> None:
+            while self.pending_metrics:
+                batch = self.pending_metrics[:500]
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.pending_metrics[: len(batch)]
+            while self.pending_artifacts:
+                data, path = self.pending_artifacts[0]
+                _log_bytes(self.client, self.run_id, data, path)
+                self.pending_artifacts.pop(0)
+
+        return self._call(send)
+
+    def _call(self, fn) -> bool:
+        try:
+            fn()
+        except Exception as exc:  # any outage: connection, 5xx, storage
+            if not self.failing:
+                log.warning(
+                    "MLflow is unreachable (%s); training continues and results are buffered",
+                    str(exc).splitlines()[0][:200],
+                )
+            self.failing = True
+            return False
+        if self.failing:
+            log.warning("MLflow is reachable again; buffered results were sent")
+        self.failing = False
+        return True
+
+    def close(self, spill_dir: str | Path) -> Path | None:
+        """Final flush; if MLflow is still down, spill what is left to a JSONL file."""
+        if self.flush():
+            return None
+        spill = Path(spill_dir) / f"mlflow-unsent-{self.run_id}.jsonl"
+        spill.parent.mkdir(parents=True, exist_ok=True)
+        with spill.open("a") as handle:
+            for m in self.pending_metrics:
+                handle.write(json.dumps({"key": m.key, "value": m.value, "step": m.step}) + "\n")
+        for data, path in self.pending_artifacts:
+            target = spill.parent / "mlflow-unsent-artifacts" / self.run_id / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        log.warning("MLflow stayed unreachable; unsent results were written to %s", spill)
+        return spill
+
+
+def _log_bytes(mlflow_client: MlflowClient, run_id: str, data: bytes, path: str) -> None:
+    directory, name = os.path.split(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        local.write_bytes(data)
+        mlflow_client.log_artifact(run_id, str(local), artifact_path=directory or None)
+
+
+def log_json(run_id: str, data: Any, path: str) -> None:
+    buffer = io.StringIO()
+    json.dump(data, buffer, indent=2, default=str)
+    _log_bytes(client(), run_id, buffer.getvalue().encode(), path)
+
+
+__all__ = ["RunLogger", "start_run", "end_run", "find_run", "experiment_id", "RunStatus"]

@@ -1,0 +1,393 @@
+"""Typed, validated experiment configs.
+
+One `Config` holds everything a run needs. It is loaded from YAML, then patched
+with dotted `key=value` overrides (`model.n_clusters=27`), then validated. Every
+field carries its default here, with the advice a user needs, so this file is the
+reference for what can be set.
+
+A bad value fails at load time with one line (`ConfigError`) naming the field,
+the value and what is allowed, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range (one-line message)."""
+
+
+@dataclass
+class ModelConfig:
+    # Which model family: "san" (the paper), "iic" (L_mi alone on the CNN) or
+    # "kmeans" (online k-means on the CNN's pixel embeddings, PiCIE-style).
+    name: str = "san"
+    # timm CNN for the pixel encoder (unpretrained). resnet18 is the workhorse;
+    # resnet10t is the cheapest real choice for laptops and tests.
+    encoder: str = "resnet18"
+    # Output stride of the pixel embeddings: 4 is sharper but 4x the SEAT cost of 8.
+    stride: int = 8
+    # D, the pixel/semantic embedding width. 64-128 is plenty for K <= 30.
+    embed_dim: int = 64
+    # timm ViT for the semantic generator (unpretrained unless vit_weights is given).
+    vit: str = "vit_tiny_patch16_224"
+    # ViT patch size; with small images use 8 so there are enough tokens to pool.
+    vit_patch_size: int = 16
+    # Override the ViT depth (null keeps the architecture's own); 2-4 for tests.
+    vit_depth: int | None = None
+    # Optional local weights file (a state_dict saved with torch.save) for the ViT.
+    # Nothing is ever downloaded.
+    vit_weights: str | None = None
+    # K, the number of clusters (semantic embeddings). Set it to the number of
+    # classes for the standard protocol, or larger to over-cluster.
+    n_clusters: int = 5
+    # SEAT softmax temperature tau: lower gives harder assignments; 0.05-0.2 works.
+    tau: float = 0.1
+    # Width of the light reconstruction decoder.
+    decoder_dim: int = 32
+
+
+@dataclass
+class LossConfig:
+    # Weights of the four SAN terms; 0 switches a term off and skips its compute.
+    # Models without the needed output ("iic" has no decoder) skip that term too.
+    w_mi: float = 1.0
+    w_con: float = 1.0
+    w_rec: float = 1.0
+    w_orth: float = 0.1
+    # lambda, the IIC entropy coefficient: 1.0 is plain mutual information;
+    # >1 pushes harder for balanced clusters (helps against collapse).
+    mi_lambda: float = 1.0
+    # Momentum of the k-means baseline's centroid update (used by model.name=kmeans).
+    kmeans_momentum: float = 0.99
+
+
+@dataclass
+class DataConfig:
+    # Dataset registry name: "synthetic" (procedural scenes, no download),
+    # "folder" (root/<split>/images + labels) or "shards" (Parquet shards at root).
+    dataset: str = "synthetic"
+    # Folder path or fsspec URL (local path or s3://bucket/prefix). Unused for synthetic.
+    root: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    # Square side the views and evaluation crops are resized to.
+    image_size: int = 96
+    # Number of evaluation classes; 0 takes the dataset's own (manifest, classes file,
+    # or synthetic_classes). Needed for a folder without a classes file.
+    n_classes: int = 0
+    # Number of ground-truth classes of the synthetic generator.
+    synthetic_classes: int = 5
+    # Number of synthetic images per split (train, val).
+    synthetic_train_size: int = 512
+    synthetic_val_size: int = 64
+    # Random-resized-crop scale range of the two views: the views' overlap is what
+    # L_mi aligns, so keep the lower bound >= 0.4.
+    crop_min_scale: float = 0.5
+    # Strength of colour jitter between the views (0 disables).
+    jitter: float = 0.4
+    # DataLoader worker processes per training worker (0 reads in the main process).
+    loader_workers: int = 1
+    # Limit evaluation to this many validation images (0 = all).
+    max_val_images: int = 0
+
+
+@dataclass
+class OptimConfig:
+    # Images per training worker per step (each gives two views).
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    # Linear warm-up steps, then cosine decay to 0 at max_steps.
+    warmup_steps: int = 50
+    max_steps: int = 500
+    # Clip the global gradient norm (0 disables).
+    grad_clip: float = 1.0
+    # Mixed precision: "none", "bf16" (CPU and Ampere+ GPUs) or "fp16" (GPU only).
+    precision: str = "none"
+    # torch.compile the model (slow first step; worth it for long GPU runs).
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    # Run name: checkpoints live under <storage>/<name>; rerunning the same name resumes.
+    name: str = "san-default"
+    # Where checkpoints go: a local folder or s3://bucket/prefix.
+    storage: str = "outputs/ray"
+    # MLflow experiment name (the tracking URI comes from MLFLOW_TRACKING_URI).
+    experiment: str = "san"
+    seed: int = 0
+    # Ray Train workers (one per GPU; CPU workers where there is none).
+    num_workers: int = 1
+    # "auto" uses GPUs when the cluster has them; "true"/"false" force it.
+    use_gpu: str = "auto"
+    # CPUs reserved per worker.
+    cpus_per_worker: int = 1
+    # Checkpoint (and evaluate) every N steps; the last step is always checkpointed.
+    checkpoint_every: int = 100
+    # Print a progress line (and log losses to MLflow) every N steps.
+    log_every: int = 10
+    # Keep this many most recent checkpoints in storage (0 keeps all).
+    keep_checkpoints: int = 3
+    # Restarts of the worker group after a worker dies (resumes from the last checkpoint).
+    max_failures: int = 1
+    # Fixed validation images drawn as overlay panels at each evaluation.
+    n_viz_images: int = 4
+    # Linear-probe steps at evaluation (0 disables the probe).
+    probe_steps: int = 100
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted `section.key -> value`, as logged to MLflow params."""
+        return {
+            f"{section}.{key}": value
+            for section, values in self.to_dict().items()
+            for key, value in values.items()
+        }
+
+
+# Allowed values and ranges, checked by `validate`. Kept as data so the error
+# message can say exactly what is allowed.
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.name": ("san", "iic", "kmeans"),
+    "model.stride": (4, 8),
+    "data.dataset": ("synthetic", "folder", "shards"),
+    "optim.precision": ("none", "bf16", "fp16"),
+    "run.use_gpu": ("auto", "true", "false"),
+}
+# (lower, upper, lower_inclusive); upper is inclusive, None means unbounded.
+RANGES: dict[str, tuple[float, float | None, bool]] = {
+    "model.embed_dim": (1, None, True),
+    "model.vit_patch_size": (1, None, True),
+    "model.vit_depth": (1, None, True),
+    "model.n_clusters": (2, None, True),
+    "model.tau": (0, None, False),
+    "model.decoder_dim": (1, None, True),
+    "loss.w_mi": (0, None, True),
+    "loss.w_con": (0, None, True),
+    "loss.w_rec": (0, None, True),
+    "loss.w_orth": (0, None, True),
+    "loss.mi_lambda": (0, None, True),
+    "loss.kmeans_momentum": (0, 1, True),
+    "data.image_size": (16, None, True),
+    "data.n_classes": (0, 1000, True),
+    "data.synthetic_classes": (2, 20, True),
+    "data.synthetic_train_size": (1, None, True),
+    "data.synthetic_val_size": (1, None, True),
+    "data.crop_min_scale": (0, 1, False),
+    "data.jitter": (0, 1, True),
+    "data.loader_workers": (0, None, True),
+    "data.max_val_images": (0, None, True),
+    "optim.batch_size": (1, None, True),
+    "optim.lr": (0, None, False),
+    "optim.weight_decay": (0, None, True),
+    "optim.warmup_steps": (0, None, True),
+    "optim.max_steps": (1, None, True),
+    "optim.grad_clip": (0, None, True),
+    "run.num_workers": (1, None, True),
+    "run.cpus_per_worker": (1, None, True),
+    "run.checkpoint_every": (1, None, True),
+    "run.log_every": (1, None, True),
+    "run.keep_checkpoints": (0, None, True),
+    "run.max_failures": (0, None, True),
+    "run.n_viz_images": (0, None, True),
+    "run.probe_steps": (0, None, True),
+}
+
+
+def _describe_range(low: float, high: float | None, inclusive: bool) -> str:
+    left = ">=" if inclusive else ">"
+    text = f"{left} {low:g}"
+    return text if high is None else f"{text} and <= {high:g}"
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices, ranges and cross-field rules; raise one-line `ConfigError`."""
+    flat = cfg.flat()
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")
+    for key, (low, high, inclusive) in RANGES.items():
+        value = flat[key]
+        if value is None:
+            continue
+        too_low = value < low if inclusive else value <= low
+        if too_low or (high is not None and value > high):
+            raise ConfigError(
+                f"{key}={value!r} is out of range; allowed: {_describe_range(low, high, inclusive)}"
+            )
+    if cfg.data.image_size % cfg.model.vit_patch_size:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} must be a multiple of "
+            f"model.vit_patch_size={cfg.model.vit_patch_size}"
+        )
+    if cfg.data.image_size % cfg.model.stride:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} must be a multiple of "
+            f"model.stride={cfg.model.stride}"
+        )
+    if cfg.data.dataset != "synthetic" and not cfg.data.root:
+        raise ConfigError(
+            f"data.root is empty but data.dataset={cfg.data.dataset!r} needs it; "
+            "give a folder path or URL"
+        )
+    if cfg.model.name == "iic" and cfg.loss.w_mi == 0:
+        raise ConfigError("loss.w_mi=0 leaves model.name='iic' nothing to learn; set loss.w_mi > 0")
+    if cfg.model.name == "kmeans" and cfg.loss.w_rec == 0:
+        raise ConfigError(
+            "loss.w_rec=0 leaves model.name='kmeans' nothing to learn; set loss.w_rec > 0"
+        )
+    if cfg.model.name == "san" and not any(
+        (cfg.loss.w_mi, cfg.loss.w_con, cfg.loss.w_rec, cfg.loss.w_orth)
+    ):
+        raise ConfigError("all four loss weights are 0; set at least one of loss.w_* > 0")
+    if cfg.run.name.strip() != cfg.run.name or not cfg.run.name or "/" in cfg.run.name:
+        raise ConfigError(
+            f"run.name={cfg.run.name!r} must be non-empty, without '/' or surrounding spaces"
+        )
+    return cfg
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Convert `value` to the annotated type, or raise a one-line ConfigError."""
+    optional = False
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        annotation = args[0]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}=None is not allowed; expected {annotation.__name__}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected a bool (true/false)")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected an int")
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
+    if annotation is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
+    raise ConfigError(f"{key}: unsupported field type {annotation!r}")  # pragma: no cover
+
+
+SECTION_TYPES: dict[str, type] = {
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "run": RunConfig,
+}
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (as read from YAML)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(values).__name__}")
+    sections: dict[str, Any] = {}
+    for section, content in values.items():
+        if section not in SECTION_TYPES:
+            raise ConfigError(f"unknown config section {section!r}; allowed: {list(SECTION_TYPES)}")
+        if content is None:
+            content = {}
+        if not isinstance(content, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {content!r}")
+        types_ = _field_types(SECTION_TYPES[section])
+        kwargs = {}
+        for key, value in content.items():
+            dotted = f"{section}.{key}"
+            if key not in types_:
+                raise ConfigError(
+                    f"unknown config key {dotted!r}; allowed in {section}: {list(types_)}"
+                )
+            kwargs[key] = _coerce(dotted, value, types_[key])
+        sections[section] = SECTION_TYPES[section](**kwargs)
+    return validate(Config(**sections))
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a nested dict; values are parsed as YAML scalars."""
+    values = {k: dict(v or {}) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"override key {dotted!r} must look like section.key (e.g. model.tau)"
+            )
+        section, key = parts
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed = raw
+        values.setdefault(section, {})[key] = parsed
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults), apply dotted overrides, validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {first}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return from_dict(apply_overrides(values, overrides or []))

@@ -1,0 +1,171 @@
+"""Datasets registry and the streaming dataset training reads from.
+
+Every source (synthetic, folder, shards) implements one protocol:
+
+- `len(source)`, `source.class_names: list[str] | None`, `source.n_classes: int | None`
+- `source.iter_partition(part, n_parts, epoch, shuffle, seed)` yielding
+  `{"id": str, "image": uint8 3xHxW, "label": uint8 HxW | None}`; the parts of one
+  epoch are disjoint and cover every item exactly once.
+
+`StreamDataset` maps (distributed rank, DataLoader worker) to a part, so a worker
+only ever reads its own slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from san.config import DataConfig
+from san.data.base import DataError, decode_image, decode_label, encode_png
+from san.data.folder import FolderDataset
+from san.data.shards import ShardDataset, fs_for_url, write_shards
+from san.data.synthetic import SyntheticScenes
+from san.data.transforms import PairTransform, eval_transform
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "FolderDataset",
+    "ShardDataset",
+    "StreamDataset",
+    "SyntheticScenes",
+    "create_dataset",
+    "decode_image",
+    "decode_label",
+    "encode_png",
+    "eval_sample_transform",
+    "fs_for_url",
+    "sample_seed",
+    "train_pair_transform",
+    "write_shards",
+]
+
+# Split seeds of the synthetic generator: images differ by split name; the seed is fixed
+# so every run (and every worker) sees the same scenes.
+SYNTHETIC_SEED = 0
+
+
+def _synthetic(cfg: DataConfig, split: str) -> SyntheticScenes:
+    n = cfg.synthetic_train_size if split == cfg.train_split else cfg.synthetic_val_size
+    return SyntheticScenes(
+        n_images=n,
+        image_size=round(cfg.image_size * 1.25),
+        n_classes=cfg.synthetic_classes,
+        seed=SYNTHETIC_SEED,
+        split=split,
+    )
+
+
+def _folder(cfg: DataConfig, split: str) -> FolderDataset:
+    return FolderDataset(cfg.root, split)
+
+
+def _shards(cfg: DataConfig, split: str) -> ShardDataset:
+    return ShardDataset(cfg.root, split)
+
+
+DATASETS: dict[str, Callable[[DataConfig, str], Any]] = {
+    "synthetic": _synthetic,
+    "folder": _folder,
+    "shards": _shards,
+}
+
+
+def create_dataset(cfg: DataConfig, split: str) -> Any:
+    """Build the configured source for `split` (a train or val split name)."""
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; allowed: {sorted(DATASETS)}")
+    return DATASETS[cfg.dataset](cfg, split)
+
+
+def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
+    """A 63-bit seed from (seed, epoch, id): the same sample gets the same augmentation."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class StreamDataset(IterableDataset):
+    """Streams a source's partition for this (rank, loader worker), transformed per sample."""
+
+    def __init__(
+        self,
+        source: Any,
+        transform: Callable[[dict, torch.Generator], dict],
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        loop: bool = True,
+        shuffle: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        self.source = source
+        self.transform = transform
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.loop = loop
+        self.shuffle = shuffle
+        self.epoch = 0  # first epoch; set it before iterating to resume mid-run
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        n_workers = info.num_workers if info is not None else 1
+        worker_id = info.id if info is not None else 0
+        part = self.rank * n_workers + worker_id
+        n_parts = self.world_size * n_workers
+        epoch = self.epoch
+        while True:
+            count = 0
+            for sample in self.source.iter_partition(part, n_parts, epoch, self.shuffle, self.seed):
+                generator = torch.Generator().manual_seed(
+                    sample_seed(self.seed, epoch, sample["id"])
+                )
+                count += 1
+                yield self.transform(sample, generator)
+            if not self.loop:
+                return
+            if count == 0:
+                raise DataError(
+                    f"data part {part} of {n_parts} is empty: {len(self.source)} items cannot "
+                    f"feed {self.world_size} workers x {n_workers} loader workers"
+                )
+            epoch += 1
+
+
+class TrainPairTransform:
+    """sample -> PairTransform views + "id" (labels dropped: training is unsupervised)."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.pair = PairTransform(cfg.image_size, cfg.crop_min_scale, cfg.jitter)
+
+    def __call__(self, sample: dict, generator: torch.Generator) -> dict:
+        out = self.pair(sample["image"], generator)
+        out["id"] = sample["id"]
+        return out
+
+
+class EvalSampleTransform:
+    """sample -> {"image": float 3xSxS, "label": int64 SxS (255 if missing), "id"}."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.image_size = cfg.image_size
+
+    def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
+        image, label = eval_transform(sample["image"], sample.get("label"), self.image_size)
+        if label is None:
+            label = torch.full((self.image_size, self.image_size), 255, dtype=torch.int64)
+        return {"image": image, "label": label, "id": sample["id"]}
+
+
+def train_pair_transform(cfg: DataConfig) -> TrainPairTransform:
+    return TrainPairTransform(cfg)
+
+
+def eval_sample_transform(cfg: DataConfig) -> EvalSampleTransform:
+    return EvalSampleTransform(cfg)

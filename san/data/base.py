@@ -1,0 +1,110 @@
+"""Pieces every data source shares: the error type, decoding, and index partitioning.
+
+Kept apart from `__init__` so the dataset modules can import it without a cycle.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+class DataError(ValueError):
+    """A dataset is missing, empty or holds a bad sample (one-line message naming it)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, so our messages stay one line."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
+    """Encoded JPEG/PNG bytes -> uint8 3xHxW RGB tensor; DataError naming the id if corrupt."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            array = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise DataError(f"image {sample_id!r} could not be decoded: {first_line(exc)}") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+def decode_label(data: bytes, sample_id: str) -> torch.Tensor:
+    """Encoded single-channel PNG bytes -> uint8 HxW class ids; DataError naming the id."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(
+                    f"label {sample_id!r} has mode {im.mode!r}; expected a single-channel "
+                    "PNG of class ids (mode L or P)"
+                )
+            array = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"label {sample_id!r} could not be decoded: {first_line(exc)}") from None
+    if array.dtype != np.uint8:
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise DataError(f"label {sample_id!r} has class ids outside 0..255")
+        array = array.astype(np.uint8)
+    return torch.from_numpy(array.copy())
+
+
+def encode_png(array: np.ndarray | torch.Tensor) -> bytes:
+    """uint8 HxW (label) or HxWx3 (image) array -> PNG bytes (lossless, fast compression)."""
+    if isinstance(array, torch.Tensor):
+        array = array.numpy()
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"encode_png needs uint8, got {array.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def check_sizes(image: torch.Tensor, label: torch.Tensor | None, sample_id: str) -> None:
+    """A label must cover its image pixel for pixel."""
+    if label is not None and tuple(label.shape) != tuple(image.shape[-2:]):
+        raise DataError(
+            f"label {sample_id!r} is {label.shape[1]}x{label.shape[0]} but its image is "
+            f"{image.shape[2]}x{image.shape[1]} (width x height); they must match"
+        )
+
+
+def epoch_rng(seed: int, epoch: int, *extra: int) -> np.random.Generator:
+    """One numpy generator per (seed, epoch, ...): every partition draws the same order."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, *extra])
+
+
+def partition_indices(
+    n: int, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+) -> np.ndarray:
+    """The indices of `part` out of `n_parts`: disjoint slices of one shared (shuffled) order."""
+    if n_parts < 1 or not 0 <= part < n_parts:
+        raise ValueError(f"part={part} must be in [0, n_parts={n_parts})")
+    order = epoch_rng(seed, epoch).permutation(n) if shuffle else np.arange(n)
+    return order[part::n_parts]
+
+
+class IndexedSource:
+    """Map-style source: subclasses give `__len__` and `__getitem__`; streaming comes free."""
+
+    class_names: list[str] | None = None
+    n_classes: int | None = None
+
+    def __len__(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def iter_partition(
+        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+    ) -> Iterator[dict]:
+        """Yield this part's samples; the parts of one epoch cover every item exactly once."""
+        for index in partition_indices(len(self), part, n_parts, epoch, shuffle, seed):
+            yield self[int(index)]

@@ -1,0 +1,127 @@
+"""The plain `images/ + labels/` folder layout, which every standard dataset can be put into.
+
+    <root>/<split>/images/<id>.jpg|jpeg|png
+    <root>/<split>/labels/<id>.png      optional; uint8 class ids, 255 = ignore
+    <root>/classes.txt | classes.json   optional class names
+
+Problems are reported as one-line `DataError`s naming the path or sample id: a missing
+or empty folder when the dataset is built, a bad image or label when it is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from san.data.base import DataError, IndexedSource, check_sizes, decode_image, decode_label
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LAYOUT = "<root>/<split>/images/<id>.(jpg|jpeg|png) with optional <root>/<split>/labels/<id>.png"
+
+
+def read_class_names(*folders: Path) -> list[str] | None:
+    """Class names from the first classes.txt (one per line) or classes.json found, else None."""
+    for folder in folders:
+        txt = folder / "classes.txt"
+        if txt.is_file():
+            names = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
+            return names or None
+        js = folder / "classes.json"
+        if js.is_file():
+            try:
+                data = json.loads(js.read_text())
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{js} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
+            if isinstance(data, dict) and "class_names" in data:
+                data = data["class_names"]
+            if isinstance(data, dict):  # {"0": "sky", "1": "building", ...}
+                data = [data[k] for k in sorted(data, key=int)]
+            if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
+                raise DataError(
+                    f"{js} must hold a list of class names, {{'class_names': [...]}} "
+                    "or {'0': name, ...}"
+                )
+            return data or None
+    return None
+
+
+class FolderDataset(IndexedSource):
+    """Images (and optional labels) read from a folder, one file per sample."""
+
+    def __init__(self, root: str, split: str) -> None:
+        base = Path(root).expanduser()
+        folder = base / split
+        if not (folder / "images").is_dir() and (base / "images").is_dir():
+            folder = base
+        image_dir = folder / "images"
+        if not image_dir.is_dir():
+            raise DataError(
+                f"image folder {str(base / split / 'images')!r} not found; expected {LAYOUT}"
+            )
+        self.root = base
+        self.split = split
+        self.folder = folder
+        files = sorted(
+            p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DataError(
+                f"image folder {str(image_dir)!r} has no .jpg/.jpeg/.png files; expected {LAYOUT}"
+            )
+        self.ids = [p.stem for p in files]
+        if len(set(self.ids)) != len(self.ids):
+            dupes = sorted({i for i in self.ids if self.ids.count(i) > 1})
+            raise DataError(f"image folder {str(image_dir)!r} has duplicate ids: {dupes[:5]}")
+        self.image_paths = files
+        label_dir = folder / "labels"
+        self.label_paths: list[Path | None] = [
+            (label_dir / f"{i}.png") if (label_dir / f"{i}.png").is_file() else None
+            for i in self.ids
+        ]
+        self.class_names = read_class_names(folder, base)
+        self.n_classes = len(self.class_names) if self.class_names else None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(p is not None for p in self.label_paths)
+
+    def _read(self, path: Path, sample_id: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"sample {sample_id!r}: cannot read {path}: {exc.strerror}") from None
+
+    def __getitem__(self, index: int) -> dict:
+        sample_id = self.ids[index]
+        image = decode_image(self._read(self.image_paths[index], sample_id), sample_id)
+        label_path = self.label_paths[index]
+        label = None
+        if label_path is not None:
+            label = decode_label(self._read(label_path, sample_id), sample_id)
+            check_sizes(image, label, sample_id)
+        return {"id": sample_id, "image": image, "label": label}
+
+    def iter_records(self, validate: bool = True) -> Iterator[dict]:
+        """Samples as raw file bytes, in the form `shards.write_shards` takes.
+
+        The encoded bytes are kept as they are; with `validate`, each sample is decoded
+        once so a bad file fails here (naming its id) rather than during training.
+        """
+        for index, sample_id in enumerate(self.ids):
+            image_bytes = self._read(self.image_paths[index], sample_id)
+            label_path = self.label_paths[index]
+            label_bytes = self._read(label_path, sample_id) if label_path else None
+            image = decode_image(image_bytes, sample_id)
+            if validate and label_bytes is not None:
+                check_sizes(image, decode_label(label_bytes, sample_id), sample_id)
+            yield {
+                "id": sample_id,
+                "image_bytes": image_bytes,
+                "label_bytes": label_bytes,
+                "width": int(image.shape[2]),
+                "height": int(image.shape[1]),
+            }

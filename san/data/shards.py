@@ -1,0 +1,318 @@
+"""Parquet shards on any fsspec URL (local path or s3://): how prepared datasets are stored.
+
+One row per image: `id`, `image` (the encoded file bytes as-is), `label` (encoded PNG
+or null), `width`, `height`. A `manifest.json`, written last, lists the shards with
+their row counts and sha256 checksums; readers go through it, so a half-written
+dataset (no manifest yet) is never read. Every file is written to a temporary name and
+then renamed, so an interrupted write leaves no truncated shard behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from san.data.base import (
+    DataError,
+    check_sizes,
+    decode_image,
+    decode_label,
+    encode_png,
+    epoch_rng,
+    first_line,
+)
+
+__all__ = ["SCHEMA", "ShardDataset", "encode_png", "fs_for_url", "write_shards"]
+
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("label", pa.binary(), nullable=True),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ]
+)
+MANIFEST = "manifest.json"
+# Rows per Parquet row group: the unit a reader holds in memory at once.
+ROW_GROUP = 64
+
+
+def fs_for_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path of a URL; s3 picks up a custom endpoint from env."""
+    options: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")):
+        endpoint = (
+            os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+        )
+        if endpoint:
+            options["client_kwargs"] = {"endpoint_url": endpoint}
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return fs, path.rstrip("/")
+
+
+def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write to a temporary sibling, then rename it into place."""
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    tmp = (
+        f"{parent}/.{name}.tmp-{uuid.uuid4().hex}" if parent else f".{name}.tmp-{uuid.uuid4().hex}"
+    )
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        fs.mv(tmp, path)
+    except Exception:
+        fs.rm(tmp)
+        raise
+
+
+def _table_bytes(rows: list[dict]) -> bytes:
+    table = pa.Table.from_pydict(
+        {
+            "id": [str(r["id"]) for r in rows],
+            "image": [bytes(r["image_bytes"]) for r in rows],
+            "label": [
+                None if r.get("label_bytes") is None else bytes(r["label_bytes"]) for r in rows
+            ],
+            "width": [int(r["width"]) for r in rows],
+            "height": [int(r["height"]) for r in rows],
+        },
+        schema=SCHEMA,
+    )
+    sink = pa.BufferOutputStream()
+    # Encoded images do not compress further; skip the CPU cost.
+    pq.write_table(table, sink, row_group_size=ROW_GROUP, compression="none")
+    return sink.getvalue().to_pybytes()
+
+
+def write_shards(
+    samples: Iterable[dict],
+    out_url: str,
+    shard_size: int = 256,
+    class_names: list[str] | None = None,
+) -> dict:
+    """Write samples ({id, image_bytes, label_bytes|None, width, height}) as Parquet shards.
+
+    Holds at most one shard in memory. Returns the manifest, which is written last.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size={shard_size} must be >= 1")
+    fs, root = fs_for_url(out_url)
+    fs.makedirs(root, exist_ok=True)
+    shards: list[dict] = []
+    seen: set[str] = set()
+    n_labelled = 0
+    rows: list[dict] = []
+
+    def flush() -> None:
+        name = f"shard-{len(shards):05d}.parquet"
+        data = _table_bytes(rows)
+        _atomic_write(fs, f"{root}/{name}", data)
+        shards.append({"file": name, "rows": len(rows), "sha256": hashlib.sha256(data).hexdigest()})
+        rows.clear()
+
+    for sample in samples:
+        sample_id = str(sample["id"])
+        if sample_id in seen:
+            raise DataError(f"duplicate sample id {sample_id!r} while writing shards to {out_url}")
+        seen.add(sample_id)
+        n_labelled += sample.get("label_bytes") is not None
+        rows.append(sample)
+        if len(rows) >= shard_size:
+            flush()
+    if rows:
+        flush()
+    if not shards:
+        raise DataError(f"no samples to write to {out_url}")
+    manifest = {
+        "format": "san-parquet-shards",
+        "version": 1,
+        "n_images": sum(s["rows"] for s in shards),
+        "n_labelled": n_labelled,
+        "n_shards": len(shards),
+        "shard_size": shard_size,
+        "class_names": list(class_names) if class_names else None,
+        "n_classes": len(class_names) if class_names else None,
+        "shards": shards,
+    }
+    _atomic_write(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+class ShardDataset:
+    """Reads `<url>/<split>/` (or `<url>` itself when it has a manifest) through its manifest."""
+
+    def __init__(self, url: str, split: str) -> None:
+        self.url = url.rstrip("/")
+        self.split = split
+        self._fs, root = fs_for_url(self.url)
+        self._pid = os.getpid()
+        direct = f"{root}/{MANIFEST}"
+        nested = f"{root}/{split}/{MANIFEST}"
+        try:
+            if self.fs.isfile(nested):
+                self.root = f"{root}/{split}"
+            elif self.fs.isfile(direct):
+                self.root = root
+            else:
+                raise DataError(
+                    f"no {MANIFEST} at {self.url}/{split}/ or {self.url}/; expected Parquet "
+                    "shards written by write_shards (pipelines/prepare_data.py)"
+                )
+            with self.fs.open(f"{self.root}/{MANIFEST}", "rb") as f:
+                self.manifest = json.loads(f.read())
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"cannot read shard manifest under {self.url}: {first_line(exc)}"
+            ) from None
+        self.shards: list[dict] = self.manifest["shards"]
+        self.class_names: list[str] | None = self.manifest.get("class_names")
+        self.n_classes: int | None = self.manifest.get("n_classes")
+        self._offsets = [0]
+        for shard in self.shards:
+            self._offsets.append(self._offsets[-1] + int(shard["rows"]))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, made afresh in a forked DataLoader worker (s3fs is not fork-safe)."""
+        if self._pid != os.getpid():
+            self._fs, _ = fs_for_url(self.url)
+            self._pid = os.getpid()
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fs"], state["_pid"] = None, -1  # rebuilt on first use after unpickling
+        return state
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def _path(self, shard: dict) -> str:
+        return f"{self.root}/{shard['file']}"
+
+    @contextlib.contextmanager
+    def _open(self, shard: dict) -> Iterator[pq.ParquetFile]:
+        """Open one shard as a ParquetFile; a missing or corrupt file is a DataError naming it."""
+        try:
+            handle = self.fs.open(self._path(shard), "rb")
+        except Exception as exc:
+            raise DataError(
+                f"shard {self._path(shard)} cannot be opened: {first_line(exc)}"
+            ) from None
+        try:
+            try:
+                pf = pq.ParquetFile(handle)
+            except Exception as exc:
+                raise DataError(
+                    f"shard {self._path(shard)} is not a readable Parquet file: {first_line(exc)}"
+                ) from None
+            yield pf
+        finally:
+            handle.close()
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (reads each file once)."""
+        for shard in self.shards:
+            digest = hashlib.sha256()
+            with self.fs.open(self._path(shard), "rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                raise DataError(f"shard {self._path(shard)} fails its manifest sha256 checksum")
+
+    @staticmethod
+    def _decode(row: dict) -> dict:
+        sample_id = row["id"]
+        image = decode_image(row["image"], sample_id)
+        label = decode_label(row["label"], sample_id) if row["label"] is not None else None
+        check_sizes(image, label, sample_id)
+        return {"id": sample_id, "image": image, "label": label}
+
+    def __getitem__(self, index: int) -> dict:
+        """Random access (reads one row group); streaming with iter_partition is the fast path."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        shard_idx = next(i for i in range(len(self.shards)) if index < self._offsets[i + 1])
+        row = index - self._offsets[shard_idx]
+        with self._open(self.shards[shard_idx]) as pf:
+            start = 0
+            for group in range(pf.num_row_groups):
+                n = pf.metadata.row_group(group).num_rows
+                if row < start + n:
+                    table = pf.read_row_group(group)
+                    return self._decode(table.slice(row - start, 1).to_pylist()[0])
+                start += n
+        raise DataError(
+            f"shard {self._path(self.shards[shard_idx])} has fewer rows than its manifest"
+        )
+
+    def iter_partition(
+        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+    ) -> Iterator[dict]:
+        """Stream this part's samples, one row group in memory at a time.
+
+        With at least n_parts shards each part reads only its own files; otherwise every
+        part reads all files and keeps the rows whose global index % n_parts == part.
+        """
+        if n_parts < 1 or not 0 <= part < n_parts:
+            raise ValueError(f"part={part} must be in [0, n_parts={n_parts})")
+        n_files = len(self.shards)
+        order = list(range(n_files))
+        if shuffle:
+            order = [int(i) for i in epoch_rng(seed, epoch).permutation(n_files)]
+        by_file = n_files >= n_parts
+        if by_file:
+            order = [i for i in order if i % n_parts == part]
+        for file_idx in order:
+            with self._open(self.shards[file_idx]) as pf:
+                yield from self._iter_file(
+                    pf, file_idx, part, n_parts, by_file, epoch, shuffle, seed
+                )
+
+    def _iter_file(
+        self,
+        pf: pq.ParquetFile,
+        file_idx: int,
+        part: int,
+        n_parts: int,
+        by_file: bool,
+        epoch: int,
+        shuffle: bool,
+        seed: int,
+    ) -> Iterator[dict]:
+        """One shard's rows for this part, row group by row group (shuffled within the file)."""
+        sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        rng = epoch_rng(seed, epoch, file_idx + 1)
+        groups = list(range(len(sizes)))
+        if shuffle:
+            groups = [int(g) for g in rng.permutation(len(groups))]
+        for group in groups:
+            first = self._offsets[file_idx] + starts[group]
+            rows = list(range(sizes[group]))
+            if not by_file:
+                rows = [r for r in rows if (first + r) % n_parts == part]
+                if not rows:
+                    continue
+            if shuffle:
+                rows = [rows[int(i)] for i in rng.permutation(len(rows))]
+            table = pf.read_row_group(group, columns=["id", "image", "label"])
+            columns = {name: table.column(name) for name in ("id", "image", "label")}
+            for r in rows:
+                yield self._decode({k: col[r].as_py() for k, col in columns.items()})

@@ -1,0 +1,197 @@
+"""Image transforms: normalisation, the two-view pair augmentation and view alignment.
+
+L_mi compares the cluster assignments of two augmented views pixel by pixel, so each
+view records the crop box and flip it was made with, and `align_views` resamples view
+2's dense output onto view 1's pixel grid using exactly the same geometry.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MEAN = torch.tensor([0.485, 0.456, 0.406])
+STD = torch.tensor([0.229, 0.224, 0.225])
+
+# Luma weights (ITU-R BT.601), used for greyscale in contrast/saturation jitter.
+_GRAY = torch.tensor([0.299, 0.587, 0.114])
+# RGB <-> YIQ: hue jitter is a rotation of the (I, Q) chroma plane.
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
+def normalize(img: Tensor) -> Tensor:
+    """uint8 (or float in [0,1]) 3xHxW -> ImageNet-normalised float32."""
+    x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+    return (x - MEAN.view(3, 1, 1)) / STD.view(3, 1, 1)
+
+
+def denormalize(x: Tensor) -> Tensor:
+    """Normalised 3xHxW or Bx3xHxW -> float in [0,1] (for pictures and reconstruction)."""
+    shape = (3, 1, 1) if x.dim() == 3 else (1, 3, 1, 1)
+    mean = MEAN.to(x.device, x.dtype).view(shape)
+    std = STD.to(x.device, x.dtype).view(shape)
+    return (x * std + mean).clamp(0.0, 1.0)
+
+
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def sample_crop_box(
+    height: int, width: int, min_scale: float, generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """Random-resized-crop box (x0, y0, x1, y1) in integer pixels, inside the image."""
+    area = height * width
+    scale = _uniform(generator, min_scale, 1.0)
+    log_ratio = _uniform(generator, math.log(3 / 4), math.log(4 / 3))
+    ratio = math.exp(log_ratio)
+    w = int(round(math.sqrt(area * scale * ratio)))
+    h = int(round(math.sqrt(area * scale / ratio)))
+    w = min(max(w, 1), width)
+    h = min(max(h, 1), height)
+    x0 = int(torch.randint(0, width - w + 1, (), generator=generator))
+    y0 = int(torch.randint(0, height - h + 1, (), generator=generator))
+    return x0, y0, x0 + w, y0 + h
+
+
+def crop_view(
+    image: Tensor, box: tuple[int, int, int, int], size: int, flip: bool
+) -> tuple[Tensor, Tensor]:
+    """Crop pixel box (x0, y0, x1, y1) of a float 3xHxW image, resize to size^2, maybe flip.
+
+    Returns the view and the box in [0,1] coordinates of the original image; the pixel
+    box edges map to the view's edges, which is the geometry `align_views` assumes.
+    """
+    height, width = image.shape[-2:]
+    x0, y0, x1, y1 = box
+    crop = image[:, y0:y1, x0:x1].unsqueeze(0)
+    view = F.interpolate(
+        crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    view = view[0]
+    if flip:
+        view = view.flip(-1)
+    unit = torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height], dtype=torch.float32)
+    return view, unit
+
+
+def color_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Brightness, contrast, saturation and hue jitter of a float [0,1] 3xHxW image."""
+    if strength <= 0:
+        return x
+    brightness = _uniform(generator, 1 - strength, 1 + strength)
+    contrast = _uniform(generator, 1 - strength, 1 + strength)
+    saturation = _uniform(generator, 1 - strength, 1 + strength)
+    # A full hue circle is too much for "the same scene": a quarter of strength, in turns.
+    hue = _uniform(generator, -strength / 4, strength / 4) * 2 * math.pi
+    gray_w = _GRAY.to(x.dtype).view(3, 1, 1)
+
+    x = (x * brightness).clamp(0, 1)
+    mean = (x * gray_w).sum(0).mean()
+    x = ((x - mean) * contrast + mean).clamp(0, 1)
+    gray = (x * gray_w).sum(0, keepdim=True)
+    x = (gray + (x - gray) * saturation).clamp(0, 1)
+    cos, sin = math.cos(hue), math.sin(hue)
+    rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], dtype=x.dtype)
+    matrix = _YIQ2RGB.to(x.dtype) @ rot @ _RGB2YIQ.to(x.dtype)
+    x = torch.einsum("ij,jhw->ihw", matrix, x)
+    return x.clamp(0, 1)
+
+
+class PairTransform:
+    """Two random views of one image, each with the crop box and flip it came from."""
+
+    def __init__(
+        self, image_size: int, crop_min_scale: float = 0.5, jitter: float = 0.4, flip: bool = True
+    ) -> None:
+        if not 0 < crop_min_scale <= 1:
+            raise ValueError(f"crop_min_scale={crop_min_scale} must be in (0, 1]")
+        self.image_size = image_size
+        self.crop_min_scale = crop_min_scale
+        self.jitter = jitter
+        self.flip = flip
+
+    def _view(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        height, width = image.shape[-2:]
+        box = sample_crop_box(height, width, self.crop_min_scale, generator)
+        flip = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+        view, unit_box = crop_view(image, box, self.image_size, flip)
+        view = color_jitter(view, self.jitter, generator)
+        return normalize(view), unit_box, torch.tensor(flip)
+
+    def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """uint8 3xHxW -> {view1, view2, box1, box2, flip1, flip2}."""
+        x = image.float() / 255.0
+        view1, box1, flip1 = self._view(x, generator)
+        view2, box2, flip2 = self._view(x, generator)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "box1": box1,
+            "box2": box2,
+            "flip1": flip1,
+            "flip2": flip2,
+        }
+
+
+def _axis_grid(
+    n: int, lo1: Tensor, hi1: Tensor, flip1: Tensor, lo2: Tensor, hi2: Tensor, flip2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Per-batch grid coordinates (B x n) in view 2 of view 1's pixel centres on one axis."""
+    u = (torch.arange(n, device=lo1.device, dtype=lo1.dtype) + 0.5) / n
+    u = u.unsqueeze(0)
+    u = torch.where(flip1.view(-1, 1), 1 - u, u)
+    x = lo1.view(-1, 1) + u * (hi1 - lo1).view(-1, 1)
+    v = (x - lo2.view(-1, 1)) / (hi2 - lo2).view(-1, 1)
+    v = torch.where(flip2.view(-1, 1), 1 - v, v)
+    inside = (v >= 0) & (v <= 1)
+    return 2 * v - 1, inside
+
+
+def align_views(
+    a2: Tensor, box1: Tensor, flip1: Tensor, box2: Tensor, flip2: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Resample view 2's dense map (B x C x h x w) onto view 1's pixel grid.
+
+    Returns the aligned map and a B x h x w bool mask of the view-1 pixels that fall
+    inside view 2's crop. Differentiable with respect to `a2`.
+    """
+    b, _, h, w = a2.shape
+    box1 = box1.to(a2.device, torch.float32)
+    box2 = box2.to(a2.device, torch.float32)
+    flip1 = flip1.to(a2.device, torch.bool).view(b)
+    flip2 = flip2.to(a2.device, torch.bool).view(b)
+    no_flip = torch.zeros_like(flip1)
+    gx, in_x = _axis_grid(w, box1[:, 0], box1[:, 2], flip1, box2[:, 0], box2[:, 2], flip2)
+    gy, in_y = _axis_grid(h, box1[:, 1], box1[:, 3], no_flip, box2[:, 1], box2[:, 3], no_flip)
+    grid = torch.stack([gx.view(b, 1, w).expand(b, h, w), gy.view(b, h, 1).expand(b, h, w)], dim=-1)
+    aligned = F.grid_sample(
+        a2, grid.to(a2.dtype), mode="bilinear", padding_mode="border", align_corners=False
+    )
+    mask = in_y.view(b, h, 1) & in_x.view(b, 1, w)
+    return aligned, mask
+
+
+def eval_transform(
+    image: Tensor, label: Tensor | None, image_size: int
+) -> tuple[Tensor, Tensor | None]:
+    """Resize the shorter side to image_size, centre-crop a square; labels use nearest."""
+    height, width = image.shape[-2:]
+    scale = image_size / min(height, width)
+    new_h = max(image_size, int(round(height * scale)))
+    new_w = max(image_size, int(round(width * scale)))
+    top = (new_h - image_size) // 2
+    left = (new_w - image_size) // 2
+    x = image.float().unsqueeze(0) / 255.0
+    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    x = normalize(x[0].clamp(0, 1))[:, top : top + image_size, left : left + image_size]
+    if label is None:
+        return x.contiguous(), None
+    y = label.float().view(1, 1, height, width)
+    y = F.interpolate(y, size=(new_h, new_w), mode="nearest-exact")[0, 0]
+    y = y[top : top + image_size, left : left + image_size].round().to(torch.int64)
+    return x.contiguous(), y.contiguous()

@@ -1,0 +1,214 @@
+"""The pieces of a training run that do not depend on Ray or MLflow.
+
+Pipelines own the loop (distribution, checkpoints, tracking); this module owns
+what happens inside one step and one evaluation, so a plain PyTorch loop and the
+Ray Train loop run exactly the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from san.config import Config, OptimConfig
+from san.losses import SANLoss
+from san.metrics import ConfusionMatrix
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms, biases and the learned queries (1-d or tiny tensors)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or name.endswith("queries") else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig):
+    """Linear warm-up to cfg.lr, then cosine decay to 0 at max_steps."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision as a config switch: "none", "bf16" or "fp16"."""
+    if precision == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+class Trainer:
+    """One optimisation step of any registered model under SANLoss."""
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.loss_fn = SANLoss(cfg.loss)
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        # fp16 needs loss scaling; bf16 and fp32 do not.
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=cfg.optim.precision == "fp16" and device.type == "cuda"
+        )
+
+    def step(self, batch: dict) -> dict[str, float]:
+        self.model.train()
+        batch = move_batch(batch, self.device)
+        with autocast(self.device, self.cfg.optim.precision):
+            # One forward over both views: the centres are pooled from both, and
+            # BatchNorm and the SEAT centres see the whole batch once.
+            both = self.model(torch.cat([batch["view1"], batch["view2"]]))
+        out1, out2 = split_outputs(both, batch["view1"].shape[0])
+        total, terms = self.loss_fn(out1, out2, batch)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} (terms: {_floats(terms)})")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": total.item(), **{f"loss_{k}": v for k, v in _floats(terms).items()}}
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+
+
+def split_outputs(outputs: dict[str, torch.Tensor], n: int) -> tuple[dict, dict]:
+    """Split a two-view forward into per-view dicts; batch-wide tensors (centres) go to both."""
+    first, second = {}, {}
+    for key, value in outputs.items():
+        if value.ndim >= 1 and value.shape[0] == 2 * n and key != "centres":
+            first[key], second[key] = value[:n], value[n:]
+        else:
+            first[key] = second[key] = value
+    return first, second
+
+
+def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {k: float(v.detach()) for k, v in terms.items()}
+
+
+@dataclass
+class EvalResult:
+    """What one process saw during evaluation; `confusion` must be summed across processes."""
+
+    confusion: ConfusionMatrix
+    n_images: int = 0
+    viz_images: list[torch.Tensor] = field(default_factory=list)
+    viz_preds: list[torch.Tensor] = field(default_factory=list)
+    viz_labels: list[torch.Tensor] = field(default_factory=list)
+    probe_features: list[torch.Tensor] = field(default_factory=list)
+    probe_labels: list[torch.Tensor] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict],
+    n_classes: int,
+    device: torch.device,
+    precision: str = "none",
+    n_viz: int = 0,
+    probe_pixels_per_image: int = 0,
+    max_images: int = 0,
+) -> EvalResult:
+    """Stream batches through the model into a confusion matrix (never all predictions).
+
+    Also keeps the first `n_viz` images for pictures and a small random sample of
+    labelled pixel embeddings per image for the linear probe.
+    """
+    model.eval()
+    result = EvalResult(ConfusionMatrix(model.n_clusters, n_classes, device=device))
+    generator = torch.Generator().manual_seed(0)
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        labels = batch["label"].to(device, non_blocking=True)
+        if max_images:
+            keep = max_images - result.n_images
+            if keep <= 0:
+                break
+            images, labels = images[:keep], labels[:keep]
+        with autocast(device, precision):
+            outputs = model(images)
+        logits = torch.nn.functional.interpolate(
+            outputs["logits"].float(), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        preds = logits.argmax(dim=1)
+        result.confusion.update(preds, labels)
+        result.n_images += images.shape[0]
+        if len(result.viz_images) < n_viz:
+            take = n_viz - len(result.viz_images)
+            result.viz_images.extend(images[:take].cpu())
+            result.viz_preds.extend(preds[:take].cpu())
+            result.viz_labels.extend(labels[:take].cpu())
+        if probe_pixels_per_image:
+            _sample_probe_pixels(
+                outputs["z"].float(), labels, probe_pixels_per_image, generator, result
+            )
+    return result
+
+
+def _sample_probe_pixels(
+    z: torch.Tensor, labels: torch.Tensor, per_image: int, generator: torch.Generator, result
+) -> None:
+    """Labelled pixel embeddings at the embedding resolution (labels sampled nearest)."""
+    small = torch.nn.functional.interpolate(
+        labels[:, None].float(), size=z.shape[-2:], mode="nearest"
+    )
+    small = small[:, 0].long()
+    for feats, lab in zip(z.cpu(), small.cpu(), strict=True):
+        flat_feats = feats.flatten(1).T
+        flat_lab = lab.flatten()
+        valid = (flat_lab != 255).nonzero().squeeze(1)
+        if valid.numel() == 0:
+            continue
+        pick = valid[torch.randperm(valid.numel(), generator=generator)[:per_image]]
+        result.probe_features.append(flat_feats[pick])
+        result.probe_labels.append(flat_lab[pick])

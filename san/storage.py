@@ -1,0 +1,387 @@
+"""Object storage and SAN checkpoints on local disk, AWS S3, MinIO or any S3-compatible store.
+
+Everything goes through fsspec (s3fs for ``s3://``) so one code path serves a laptop and a
+cluster. The S3 endpoint comes from the standard AWS variables (``AWS_ENDPOINT_URL_S3``,
+``AWS_ENDPOINT_URL``) or MLflow's ``MLFLOW_S3_ENDPOINT_URL``; credentials come from the
+standard AWS variables and are never logged or put in messages.
+
+A checkpoint is a directory holding ``state.pt``, ``config.json`` and, written last,
+``MANIFEST.json`` with the sha256 and size of each file. A directory without a valid manifest
+is not a complete checkpoint, so a crash mid-save can never be mistaken for a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+import torch
+
+CHECKPOINT_FORMAT = "san-checkpoint"
+CHECKPOINT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+# check_storage must answer in seconds, not after minutes of botocore retries.
+_CHECK_CONNECT_TIMEOUT_S = 3
+_CHECK_READ_TIMEOUT_S = 5
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable, missing or refuses us (one-line message naming the URL)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint URI is missing, not a SAN checkpoint, incomplete or corrupt (one line)."""
+
+
+def _one_line(text: object) -> str:
+    """Collapse an arbitrary (possibly multi-line) message into one line."""
+    return " ".join(str(text).split())
+
+
+def _first_line(text: object) -> str:
+    """First non-empty line of a message (torch errors run to many lines)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _is_s3(url: str) -> bool:
+    return url.startswith(("s3://", "s3a://"))
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint URL to use, or None for AWS itself.
+
+    AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL (the AWS SDK order); MLflow's
+    MLFLOW_S3_ENDPOINT_URL is the fallback so one MinIO setting serves both.
+    """
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def _local_path(url: str) -> str:
+    """Absolute local path for a plain path or a file:// URL."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    return os.path.abspath(os.path.expanduser(url))
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem for ``url`` and the path inside it.
+
+    For S3 the endpoint, region and any credentials in the environment are passed explicitly:
+    fsspec caches instances by their arguments, so a change in the environment gets a new
+    client while repeated calls reuse one (a new client costs ~0.3 s). Listings are not cached,
+    so writes by other processes are always seen.
+    """
+    if _is_s3(url):
+        import s3fs
+
+        endpoint = s3_endpoint()
+        client_kwargs: dict[str, Any] = {"region_name": _region()}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        fs = s3fs.S3FileSystem(
+            key=os.environ.get("AWS_ACCESS_KEY_ID") or None,
+            secret=os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+            token=os.environ.get("AWS_SESSION_TOKEN") or None,
+            client_kwargs=client_kwargs,
+            use_listings_cache=False,
+        )
+        return fs, fs._strip_protocol(url).rstrip("/")
+    if "://" in url and not url.startswith("file://"):
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs, path
+    return fsspec.filesystem("file"), _local_path(url)
+
+
+def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and path for Ray's ``RunConfig(storage_path, storage_filesystem)``.
+
+    Ray does not read AWS_ENDPOINT_URL for its own storage, so the endpoint is passed here.
+    """
+    if _is_s3(url):
+        endpoint = s3_endpoint()
+        kwargs: dict[str, Any] = {"region": _region()}
+        if endpoint:
+            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+            kwargs["endpoint_override"] = parsed.netloc
+            kwargs["scheme"] = parsed.scheme or "https"
+        path = url.split("://", 1)[1].rstrip("/")
+        return pafs.S3FileSystem(**kwargs), path
+    return pafs.LocalFileSystem(), _local_path(url)
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a local path or URL, keeping its scheme."""
+    if "://" in url and not url.startswith("file://"):
+        out = url.rstrip("/")
+        for part in parts:
+            out = f"{out}/{str(part).strip('/')}"
+        return out
+    return os.path.join(url, *[str(p) for p in parts])
+
+
+def exists(url: str) -> bool:
+    """True when a file or directory (or S3 prefix) exists at ``url``."""
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def read_bytes(url: str) -> bytes:
+    """Whole content of one file."""
+    fs, path = filesystem(url)
+    return fs.cat_file(path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write a whole file so readers see the old content or the new one, never a torn one.
+
+    Locally: a temp file in the same directory, fsync, then os.replace. On S3 a single PUT is
+    already atomic.
+    """
+    fs, path = filesystem(url)
+    if fs.protocol and "file" not in fs.protocol:
+        fs.pipe_file(path, data)
+        return
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def list_dir(url: str) -> list[str]:
+    """Sorted names (not paths) of the entries directly under ``url``.
+
+    Raises FileNotFoundError when there is nothing there.
+    """
+    fs, path = filesystem(url)
+    entries = fs.ls(path, detail=False)
+    names = {os.path.basename(str(e).rstrip("/")) for e in entries}
+    names.discard("")
+    return sorted(names)
+
+
+def remove(url: str, recursive: bool = False) -> None:
+    """Delete a file (or a tree with ``recursive``); a missing target is not an error."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return
+    fs.rm(path, recursive=recursive)
+
+
+# --------------------------------------------------------------------------------------------
+# Fail-fast storage check
+
+
+def check_storage(url: str, write: bool = True) -> None:
+    """Fail before training, in one line, if ``url`` cannot be used for outputs.
+
+    Local: creates the folder and proves it is writable. S3: the endpoint answers, the bucket
+    exists, the credentials are accepted and (with ``write``) a probe object can be put and
+    deleted. Buckets are never created.
+    """
+    if _is_s3(url):
+        _check_s3(url, write)
+    elif "://" in url and not url.startswith("file://"):
+        try:
+            fs, path = filesystem(url)
+            fs.makedirs(path, exist_ok=True)
+        except Exception as e:  # noqa: BLE001 - any backend failure is reported the same way
+            raise StorageError(_one_line(f"storage {url} is not usable: {e}")) from e
+    else:
+        _check_local(url, write)
+
+
+def _check_local(url: str, write: bool) -> None:
+    path = _local_path(url)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if write:
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".san-write-check-")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        cause = e.strerror or type(e).__name__
+        raise StorageError(
+            _one_line(f"local storage path {url} cannot be created or written: {cause}")
+        ) from e
+
+
+def _check_s3(url: str, write: bool) -> None:
+    import boto3
+    import botocore.config
+    import botocore.exceptions as bexc
+
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    prefix = prefix.strip("/")
+    endpoint = s3_endpoint()
+    where = f"{url} (endpoint {endpoint or 'AWS default'})"
+    if not bucket:
+        raise StorageError(f"storage URL {url} names no bucket")
+    client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=_region(),
+        config=botocore.config.Config(
+            connect_timeout=_CHECK_CONNECT_TIMEOUT_S,
+            read_timeout=_CHECK_READ_TIMEOUT_S,
+            retries={"max_attempts": 1, "mode": "standard"},
+        ),
+    )
+    try:
+        # ListObjectsV2 (not HeadBucket) so errors come with a code like NoSuchBucket.
+        client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        if write:
+            key = f"{prefix}/.san-write-check" if prefix else ".san-write-check"
+            client.put_object(Bucket=bucket, Key=key, Body=b"ok")
+            client.delete_object(Bucket=bucket, Key=key)
+    except bexc.NoCredentialsError as e:
+        raise StorageError(
+            f"storage {where}: no S3 credentials (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        ) from e
+    except (bexc.EndpointConnectionError, bexc.ConnectTimeoutError, bexc.ReadTimeoutError) as e:
+        raise StorageError(_one_line(f"storage {where}: S3 endpoint unreachable: {e}")) from e
+    except bexc.ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404"):
+            cause = f"bucket {bucket!r} does not exist (it is not created automatically)"
+        elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken"):
+            cause = f"credentials rejected ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        elif code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled"):
+            cause = f"access denied ({code}) to bucket {bucket!r}"
+        else:
+            cause = f"{code or type(e).__name__}: {e.response.get('Error', {}).get('Message', '')}"
+        raise StorageError(_one_line(f"storage {where}: {cause}")) from e
+    except bexc.BotoCoreError as e:
+        raise StorageError(_one_line(f"storage {where}: {type(e).__name__}: {e}")) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def save_checkpoint(directory: str | Path, state: dict, config: dict) -> None:
+    """Write a SAN checkpoint directory (local path or any fsspec URL).
+
+    Files are written atomically, the manifest last; an old manifest is removed first so an
+    interrupted overwrite is never seen as complete.
+    """
+    url = str(directory)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files = {
+        STATE_FILE: buffer.getvalue(),
+        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
+    }
+    remove(join(url, MANIFEST))
+    for name, data in files.items():
+        write_bytes_atomic(join(url, name), data)
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "files": {n: {"sha256": _sha256(d), "size": len(d)} for n, d in files.items()},
+        "step": state.get("step"),
+    }
+    write_bytes_atomic(join(url, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def _read_verified(uri: str) -> dict[str, bytes]:
+    """Contents of every file the manifest lists, after checking sizes and checksums."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise CheckpointError(f"checkpoint {uri} does not exist")
+    manifest_path = f"{path}/{MANIFEST}"
+    if not fs.exists(manifest_path):
+        raise CheckpointError(f"{uri} is not a SAN checkpoint: no {MANIFEST}")
+    try:
+        manifest = json.loads(fs.cat_file(manifest_path))
+    except ValueError as e:
+        raise CheckpointError(f"{uri} is not a SAN checkpoint: {MANIFEST} is not JSON") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{uri} is not a SAN checkpoint: {MANIFEST} format is not {CHECKPOINT_FORMAT!r}"
+        )
+    if manifest.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {uri} has version {manifest.get('version')!r}; "
+            f"this code reads version {CHECKPOINT_VERSION}"
+        )
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or STATE_FILE not in listed or CONFIG_FILE not in listed:
+        raise CheckpointError(f"checkpoint {uri} is incomplete: {MANIFEST} lists no state/config")
+    contents: dict[str, bytes] = {}
+    for name, meta in listed.items():
+        file_path = f"{path}/{name}"
+        if not fs.exists(file_path):
+            raise CheckpointError(f"checkpoint {uri} is incomplete: {name} is missing")
+        data = fs.cat_file(file_path)
+        if len(data) != meta.get("size") or _sha256(data) != meta.get("sha256"):
+            raise CheckpointError(
+                f"checkpoint {uri} is corrupt: {name} does not match its sha256 in {MANIFEST}"
+            )
+        contents[name] = data
+    return contents
+
+
+def load_checkpoint(
+    uri: str, map_location: Any = "cpu", weights_only: bool = True
+) -> tuple[dict, dict]:
+    """Verify and read a SAN checkpoint; returns ``(state, config)``.
+
+    ``weights_only`` keeps torch.load from running pickled code; states should hold tensors,
+    containers and plain Python values only.
+    """
+    contents = _read_verified(str(uri))
+    try:
+        state = torch.load(
+            io.BytesIO(contents[STATE_FILE]), map_location=map_location, weights_only=weights_only
+        )
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types
+        raise CheckpointError(
+            f"checkpoint {uri}: {STATE_FILE} cannot be loaded: {type(e).__name__}: {_first_line(e)}"
+        ) from e
+    try:
+        config = json.loads(contents[CONFIG_FILE])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {uri}: {CONFIG_FILE} is not JSON") from e
+    return state, config
+
+
+def is_complete_checkpoint(uri: str) -> bool:
+    """True when ``uri`` is a SAN checkpoint whose files all match the manifest."""
+    try:
+        _read_verified(str(uri))
+    except CheckpointError:
+        return False
+    return True

@@ -1,0 +1,76 @@
+"""Config loading: defaults, YAML, dotted overrides, one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from san.config import Config, ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "pipelines" / "configs"
+
+
+def test_defaults_are_valid_and_documented_files_load():
+    assert isinstance(load_config(), Config)
+    for path in CONFIGS.glob("*.yaml"):
+        cfg = load_config(path)
+        assert cfg.model.n_clusters >= 2, path
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        CONFIGS / "tiny.yaml",
+        ["model.n_clusters=27", "model.tau=0.05", "optim.compile=true", "model.vit_depth=null"],
+    )
+    assert cfg.model.n_clusters == 27 and isinstance(cfg.model.n_clusters, int)
+    assert cfg.model.tau == pytest.approx(0.05)
+    assert cfg.optim.compile is True
+    assert cfg.model.vit_depth is None
+    assert cfg.optim.precision == "none"  # the string "none" is a value, not null
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.n_cluster=3", "unknown config key 'model.n_cluster'"),
+        ("modle.tau=0.1", "unknown config section 'modle'"),
+        ("model.n_clusters=abc", "model.n_clusters='abc' has the wrong type; expected an int"),
+        ("model.n_clusters=1", "model.n_clusters=1 is out of range; allowed: >= 2"),
+        ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
+        ("loss.w_rec=-1", "loss.w_rec=-1.0 is out of range; allowed: >= 0"),
+        ("model.name=stego", "model.name='stego' is not allowed; choose one of"),
+        ("optim.compile=maybe", "optim.compile='maybe' has the wrong type; expected a bool"),
+        ("data.image_size=100", "must be a multiple of model.vit_patch_size"),
+        ("tau=0.1", "must look like section.key"),
+    ],
+)
+def test_bad_values_fail_with_one_line(override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_baselines_need_their_loss_term():
+    with pytest.raises(ConfigError, match="loss.w_mi=0 leaves model.name='iic'"):
+        load_config(None, ["model.name=iic", "loss.w_mi=0"])
+    with pytest.raises(ConfigError, match="loss.w_rec=0 leaves model.name='kmeans'"):
+        load_config(None, ["model.name=kmeans", "loss.w_rec=0"])
+
+
+def test_flat_round_trip():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["model.tau=0.2"])
+    from san.config import from_dict
+
+    assert from_dict(cfg.to_dict()) == cfg
+    assert cfg.flat()["model.tau"] == pytest.approx(0.2)

@@ -1,0 +1,470 @@
+"""Tests of san.data: transforms and view alignment, the three sources, shards, streaming."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from san.config import DataConfig
+from san.data import (
+    DataError,
+    FolderDataset,
+    ShardDataset,
+    StreamDataset,
+    SyntheticScenes,
+    create_dataset,
+    eval_sample_transform,
+    train_pair_transform,
+    write_shards,
+)
+from san.data.shards import encode_png
+from san.data.transforms import (
+    PairTransform,
+    align_views,
+    crop_view,
+    denormalize,
+    eval_transform,
+    normalize,
+)
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+needs_camvid = pytest.mark.skipif(
+    not CAMVID.is_dir(), reason=f"real CamVid data not found at {CAMVID} (shared/data/README.md)"
+)
+
+
+def smooth_image(height: int = 150, width: int = 200) -> torch.Tensor:
+    """A float 3xHxW image in [0,1] that varies slowly, so resampling error is small."""
+    y, x = torch.meshgrid(torch.arange(height) / height, torch.arange(width) / width, indexing="ij")
+    return torch.stack(
+        [0.5 + 0.4 * torch.sin(2 * math.pi * x), 0.5 + 0.4 * torch.cos(3 * y), x * y]
+    ).float()
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_normalize_roundtrip() -> None:
+    img = torch.randint(0, 256, (3, 8, 9), dtype=torch.uint8)
+    x = normalize(img)
+    assert x.dtype == torch.float32
+    assert torch.allclose(denormalize(x), img.float() / 255, atol=1e-6)
+    assert denormalize(x.unsqueeze(0)).shape == (1, 3, 8, 9)
+
+
+def test_pair_transform_shapes_and_determinism() -> None:
+    img = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
+    pair = PairTransform(32, crop_min_scale=0.5, jitter=0.4)
+    a = pair(img, torch.Generator().manual_seed(7))
+    b = pair(img, torch.Generator().manual_seed(7))
+    c = pair(img, torch.Generator().manual_seed(8))
+    assert set(a) == {"view1", "view2", "box1", "box2", "flip1", "flip2"}
+    for key in ("view1", "view2"):
+        assert a[key].shape == (3, 32, 32) and a[key].dtype == torch.float32
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert not torch.equal(a["view1"], c["view1"])
+    for key in ("box1", "box2"):
+        box = a[key]
+        assert box.shape == (4,) and box.dtype == torch.float32
+        assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
+        assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
+    assert a["flip1"].dtype == torch.bool and a["flip1"].shape == ()
+
+
+def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
+    img = smooth_image()
+    v1, unit1 = crop_view(img, box1, size, flip1)
+    v2, unit2 = crop_view(img, box2, size, flip2)
+    if pool > 1:  # dense maps at a lower resolution than the views, as the model gives
+        v1 = torch.nn.functional.avg_pool2d(v1[None], pool)[0]
+        v2 = torch.nn.functional.avg_pool2d(v2[None], pool)[0]
+    aligned, mask = align_views(
+        v2[None], unit1[None], torch.tensor([flip1]), unit2[None], torch.tensor([flip2])
+    )
+    mask = mask[0]
+    err = (aligned[0] - v1).abs().amax(0)[mask]
+    return err, mask
+
+
+@pytest.mark.parametrize("flip1", [False, True])
+@pytest.mark.parametrize("flip2", [False, True])
+@pytest.mark.parametrize("pool", [1, 4])
+def test_align_views_matches_view1(flip1: bool, flip2: bool, pool: int) -> None:
+    err, mask = _aligned_error((20, 30, 150, 140), flip1, (70, 10, 190, 120), flip2, pool=pool)
+    # Overlap in x: [70,150] of view1's [20,150] -> 80/130; in y: [30,120] of [30,140] -> 90/110.
+    expected = (80 / 130) * (90 / 110)
+    assert abs(mask.float().mean().item() - expected) < 0.08
+    assert err.max().item() < 0.02
+
+
+def test_align_views_pair_transform_geometry() -> None:
+    """The boxes and flips PairTransform reports really describe its views."""
+    img = (smooth_image() * 255).round().to(torch.uint8)
+    pair = PairTransform(48, crop_min_scale=0.4, jitter=0.0)
+    checked = 0
+    for seed in range(12):
+        out = pair(img, torch.Generator().manual_seed(seed))
+        aligned, mask = align_views(
+            out["view2"][None], out["box1"][None], out["flip1"][None],
+            out["box2"][None], out["flip2"][None],
+        )  # fmt: skip
+        if mask.sum() < 50:
+            continue
+        err = (denormalize(aligned[0]) - denormalize(out["view1"])).abs().amax(0)[mask[0]]
+        assert err.max().item() < 0.03, seed
+        checked += 1
+    assert checked >= 6
+
+
+def test_align_views_flip_and_disjoint() -> None:
+    a = torch.randn(2, 5, 6, 7, requires_grad=True)
+    box = torch.tensor([[0.1, 0.2, 0.7, 0.9], [0.0, 0.0, 1.0, 1.0]])
+    no, yes = torch.zeros(2, dtype=torch.bool), torch.ones(2, dtype=torch.bool)
+    aligned, mask = align_views(a, box, no, box, yes)
+    assert mask.all()
+    assert torch.allclose(aligned, a.flip(-1), atol=1e-5)
+    aligned.sum().backward()
+    assert a.grad is not None and torch.allclose(a.grad, torch.ones_like(a))
+
+    far = torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.6, 0.0, 1.0, 1.0]])
+    other = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.0, 0.0, 0.5, 1.0]])
+    _, mask = align_views(a.detach(), far, no, other, yes)
+    assert not mask.any()
+
+
+def test_eval_transform_resize_and_crop() -> None:
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    label = torch.zeros(60, 80, dtype=torch.uint8)
+    label[:, 40:] = 3
+    label[0, 0] = 255
+    x, y = eval_transform(image, label, 30)
+    assert x.shape == (3, 30, 30) and x.dtype == torch.float32
+    assert y.shape == (30, 30) and y.dtype == torch.int64
+    assert set(y.unique().tolist()) <= {0, 3, 255}
+    # Shorter side 60 -> 30 scales the width to 40; the centre crop keeps columns 5..34,
+    # so the class border (column 40 -> 20) lands at crop column 15.
+    assert (y[:, :15] == 0).all() and (y[:, 15:] == 3).all()
+    x2, y2 = eval_transform(image, None, 30)
+    assert y2 is None and torch.equal(x, x2)
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_deterministic_and_varied() -> None:
+    a = SyntheticScenes(20, 64, 6, seed=0, split="train")
+    b = SyntheticScenes(20, 64, 6, seed=0, split="train")
+    v = SyntheticScenes(20, 64, 6, seed=0, split="val")
+    assert len(a) == 20 and a.n_classes == 6 and a.class_names[0] == "region0"
+    s = a[3]
+    assert s["image"].shape == (3, 64, 64) and s["image"].dtype == torch.uint8
+    assert s["label"].shape == (64, 64) and s["label"].dtype == torch.uint8
+    assert torch.equal(s["image"], b[3]["image"]) and torch.equal(s["label"], b[3]["label"])
+    assert not torch.equal(s["image"], v[3]["image"])
+    per_image = [len(a[i]["label"].unique()) for i in range(20)]
+    assert min(per_image) >= 1 and np.mean(per_image) >= 2.2
+    assert set(torch.cat([a[i]["label"].flatten() for i in range(20)]).unique().tolist()) == set(
+        range(6)
+    )
+
+
+def test_synthetic_classes_differ_in_appearance() -> None:
+    """Mean colour of each class differs from the others (learnable), across images."""
+    ds = SyntheticScenes(30, 64, 4)
+    means: dict[int, list[torch.Tensor]] = {}
+    for i in range(30):
+        s = ds[i]
+        for c in s["label"].unique().tolist():
+            means.setdefault(c, []).append(s["image"][:, s["label"] == c].float().mean(1))
+    centre = {c: torch.stack(m).mean(0) for c, m in means.items()}
+    for c in centre:
+        for d in centre:
+            if c < d:
+                assert (centre[c] - centre[d]).norm() > 15
+
+
+def test_synthetic_speed() -> None:
+    ds = SyntheticScenes(50, 128, 10)
+    ds[0]
+    start = time.process_time()
+    for i in range(50):
+        ds[i]
+    per_image_ms = (time.process_time() - start) / 50 * 1000
+    # The target is < 5 ms; the bound is loose so a busy test machine does not flake.
+    assert per_image_ms < 15, per_image_ms
+
+
+# ----------------------------------------------------------------------------- folder
+
+
+@needs_camvid
+def test_folder_camvid() -> None:
+    train = FolderDataset(str(CAMVID), "train")
+    val = FolderDataset(str(CAMVID), "val")
+    assert (len(train), len(val)) == (367, 101)
+    assert train.n_classes is None and train.has_labels
+    allowed = set(range(11)) | {255}
+    for ds in (train, val):
+        for i in (0, len(ds) // 2, len(ds) - 1):
+            s = ds[i]
+            assert s["image"].shape == (3, 180, 240) and s["image"].dtype == torch.uint8
+            assert s["label"].shape == (180, 240) and s["label"].dtype == torch.uint8
+            assert set(s["label"].unique().tolist()) <= allowed
+    assert len(set(train.ids) & set(val.ids)) == 0
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _one_line_data_error(excinfo: pytest.ExceptionInfo, *needles: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def test_folder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as exc:
+        FolderDataset(str(tmp_path / "nowhere"), "train")
+    _one_line_data_error(exc, "nowhere", "images")
+
+    (tmp_path / "empty" / "train" / "images").mkdir(parents=True)
+    with pytest.raises(DataError) as exc:
+        FolderDataset(str(tmp_path / "empty"), "train")
+    _one_line_data_error(exc, "empty", "no .jpg")
+
+    root = tmp_path / "bad" / "train"
+    rgb = np.zeros((8, 10, 3), np.uint8)
+    _save(root / "images" / "good.png", rgb)
+    _save(root / "labels" / "good.png", np.ones((8, 10), np.uint8))
+    (root / "images" / "broken.jpg").write_bytes(b"this is not a jpeg")
+    _save(root / "images" / "wrongsize.png", rgb)
+    _save(root / "labels" / "wrongsize.png", np.ones((8, 9), np.uint8))
+    ds = FolderDataset(str(tmp_path / "bad"), "train")
+    assert ds.ids == ["broken", "good", "wrongsize"]
+    assert ds[1]["label"].shape == (8, 10)
+    with pytest.raises(DataError) as exc:
+        ds[0]
+    _one_line_data_error(exc, "'broken'", "decoded")
+    with pytest.raises(DataError) as exc:
+        ds[2]
+    _one_line_data_error(exc, "'wrongsize'", "9x8", "10x8")
+
+
+def test_folder_unlabelled_root_layout_and_classes(tmp_path: Path) -> None:
+    _save(tmp_path / "images" / "a.png", np.full((12, 16, 3), 100, np.uint8))
+    _save(tmp_path / "images" / "b.jpg", np.full((12, 16, 3), 50, np.uint8))
+    (tmp_path / "classes.txt").write_text("sky\nroad\n")
+    ds = FolderDataset(str(tmp_path), "train")  # no train/ folder: root is used directly
+    assert len(ds) == 2 and ds.class_names == ["sky", "road"] and ds.n_classes == 2
+    assert ds[0]["label"] is None and not ds.has_labels
+    out = eval_sample_transform(DataConfig(image_size=16))(ds[1])
+    assert out["label"].shape == (16, 16) and (out["label"] == 255).all()
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _records(n: int) -> list[dict]:
+    """Encoded samples: PNG from the synthetic generator, every third one unlabelled."""
+    ds = SyntheticScenes(n, 24, 3, split="shardtest")
+    records = list(ds.iter_records())
+    for i, record in enumerate(records):
+        if i % 3 == 2:
+            record["label_bytes"] = None
+    return records
+
+
+def test_shards_roundtrip_bit_exact(tmp_path: Path) -> None:
+    records = _records(10)
+    url = str(tmp_path / "ds" / "train")
+    manifest = write_shards(records, url, shard_size=4, class_names=["a", "b", "c"])
+    assert manifest["n_images"] == 10 and manifest["n_shards"] == 3
+    assert [s["rows"] for s in manifest["shards"]] == [4, 4, 2]
+    assert manifest["n_classes"] == 3 and manifest["n_labelled"] == 7
+    on_disk = json.loads((tmp_path / "ds" / "train" / "manifest.json").read_text())
+    assert on_disk == manifest
+    files = sorted(p.name for p in (tmp_path / "ds" / "train").iterdir())
+    assert files == ["manifest.json"] + [f"shard-{i:05d}.parquet" for i in range(3)]
+    rows = []
+    for shard in manifest["shards"]:
+        path = tmp_path / "ds" / "train" / shard["file"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+        rows += pq.read_table(path).to_pylist()
+    for record, row in zip(records, rows, strict=True):
+        assert row["id"] == record["id"]
+        assert row["image"] == record["image_bytes"]
+        assert row["label"] == record["label_bytes"]
+        assert (row["width"], row["height"]) == (24, 24)
+
+    for ds in (ShardDataset(str(tmp_path / "ds"), "train"), ShardDataset(url, "ignored")):
+        assert len(ds) == 10 and ds.class_names == ["a", "b", "c"] and ds.n_classes == 3
+        ds.verify()
+        got = {s["id"]: s for s in ds.iter_partition(0, 1, 0, False, 0)}
+        assert list(got) == [r["id"] for r in records]
+        for record in records:
+            s = got[record["id"]]
+            expect = np.asarray(Image.open(io.BytesIO(record["image_bytes"])))
+            assert np.array_equal(s["image"].permute(1, 2, 0).numpy(), expect)
+            if record["label_bytes"] is None:
+                assert s["label"] is None
+            else:
+                assert s["label"].shape == (24, 24)
+        assert torch.equal(ds[5]["image"], got[records[5]["id"]]["image"])
+
+    (tmp_path / "ds" / "train" / "shard-00001.parquet").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="checksum"):
+        ShardDataset(url, "train").verify()
+    with pytest.raises(DataError, match="manifest"):
+        ShardDataset(str(tmp_path / "nothing"), "train")
+
+
+@pytest.mark.e2e
+def test_shards_on_s3(s3_env) -> None:
+    """Write and stream shards through a real (moto) S3 endpoint, found from the env."""
+    bucket = s3_env.make_bucket("data-shards")
+    records = _records(5)
+    manifest = write_shards(records, f"{bucket}/camvid/val", shard_size=2)
+    ds = ShardDataset(f"{bucket}/camvid", "val")
+    assert len(ds) == 5 and ds.manifest == manifest
+    ds.verify()
+    ids = [s["id"] for part in range(2) for s in ds.iter_partition(part, 2, 0, True, 0)]
+    assert sorted(ids) == sorted(r["id"] for r in records)
+    loader = DataLoader(
+        StreamDataset(ds, eval_sample_transform(DataConfig(image_size=16)), loop=False),
+        batch_size=5,
+        num_workers=2,
+    )
+    assert sum(len(b["id"]) for b in loader) == 5
+
+
+def test_encode_png_roundtrip() -> None:
+    label = np.random.default_rng(0).integers(0, 12, (5, 7)).astype(np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(label)))), label)
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+def _check_partitions(source, n_parts: int) -> None:
+    everything = [s["id"] for s in source.iter_partition(0, 1, 0, False, 0)]
+    assert len(everything) == len(source) == len(set(everything))
+    for epoch in (0, 1):
+        for shuffle in (False, True):
+            ids = [
+                s["id"]
+                for part in range(n_parts)
+                for s in source.iter_partition(part, n_parts, epoch, shuffle, 3)
+            ]
+            counts = Counter(ids)
+            assert sorted(counts) == sorted(everything) and max(counts.values()) == 1
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3])
+def test_partitions_synthetic(n_parts: int) -> None:
+    _check_partitions(SyntheticScenes(11, 16, 3), n_parts)
+
+
+@pytest.mark.parametrize("n_parts", [1, 2, 3])
+@pytest.mark.parametrize("shard_size", [3, 8])  # 4 files (split by file) or 2 (split by row)
+def test_partitions_shards(tmp_path: Path, n_parts: int, shard_size: int) -> None:
+    write_shards(_records(11), str(tmp_path), shard_size=shard_size)
+    _check_partitions(ShardDataset(str(tmp_path), "train"), n_parts)
+
+
+def test_shuffle_changes_order_by_epoch() -> None:
+    ds = SyntheticScenes(20, 16, 3)
+    first = [s["id"] for s in ds.iter_partition(0, 1, 0, True, 0)]
+    again = [s["id"] for s in ds.iter_partition(0, 1, 0, True, 0)]
+    second = [s["id"] for s in ds.iter_partition(0, 1, 1, True, 0)]
+    assert first == again and first != second
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_dataset_train_batches(workers: int) -> None:
+    cfg = DataConfig(image_size=32, synthetic_train_size=12, synthetic_classes=4)
+    source = create_dataset(cfg, "train")
+    assert source.image_size == 40
+    stream = StreamDataset(source, train_pair_transform(cfg), seed=1, loop=False, shuffle=True)
+    loader = DataLoader(stream, batch_size=4, num_workers=workers)
+    batches = list(loader)
+    ids = [i for b in batches for i in b["id"]]
+    assert sorted(ids) == sorted(source[i]["id"] for i in range(12))
+    full = [b for b in batches if len(b["id"]) == 4]
+    assert full
+    b = full[0]
+    assert b["view1"].shape == (4, 3, 32, 32) and b["view2"].shape == (4, 3, 32, 32)
+    assert b["box1"].shape == (4, 4) and b["flip1"].shape == (4,) and b["flip1"].dtype == torch.bool
+    assert "label" not in b
+    # Same seed, same augmentation for the same sample (worker split does not matter).
+    again = {}
+    for b in DataLoader(stream, batch_size=4):
+        again.update(zip(b["id"], b["view1"], strict=True))
+    for b in batches:
+        for i, v in zip(b["id"], b["view1"], strict=True):
+            assert torch.equal(again[i], v)
+
+
+def test_stream_dataset_loops_and_ranks() -> None:
+    cfg = DataConfig(image_size=16, synthetic_train_size=5)
+    source = create_dataset(cfg, "train")
+    transform = train_pair_transform(cfg)
+    stream = StreamDataset(source, transform, rank=1, world_size=2, loop=True, shuffle=False)
+    it = iter(DataLoader(stream, batch_size=3))
+    seen = [i for _ in range(4) for i in next(it)["id"]]
+    assert seen == ["train-000001", "train-000003"] * 6  # rank 1 of 2 owns items 1 and 3
+    # Shuffled: each epoch is a fresh split of the 5 items, 2 of them for rank 1.
+    stream = StreamDataset(source, transform, rank=1, world_size=2, loop=True, shuffle=True)
+    it = iter(stream)
+    epochs = [{next(it)["id"], next(it)["id"]} for _ in range(6)]
+    assert all(len(e) == 2 for e in epochs) and len(set.union(*epochs)) > 2
+
+
+def test_stream_dataset_shards_two_workers(tmp_path: Path) -> None:
+    write_shards(_records(9), str(tmp_path), shard_size=2)
+    cfg = DataConfig(dataset="shards", root=str(tmp_path), image_size=16)
+    stream = StreamDataset(create_dataset(cfg, "train"), eval_sample_transform(cfg), loop=False)
+    batches = list(DataLoader(stream, batch_size=4, num_workers=2))
+    assert sorted(i for b in batches for i in b["id"]) == [r["id"] for r in _records(9)]
+    assert all(b["label"].shape[1:] == (16, 16) for b in batches)
+
+
+def test_stream_dataset_eval_mixed_labels(tmp_path: Path) -> None:
+    root = tmp_path / "val"
+    _save(root / "images" / "x.png", np.zeros((20, 30, 3), np.uint8))
+    _save(root / "labels" / "x.png", np.full((20, 30), 2, np.uint8))
+    _save(root / "images" / "y.png", np.zeros((20, 30, 3), np.uint8))
+    cfg = DataConfig(dataset="folder", root=str(tmp_path), image_size=16)
+    source = create_dataset(cfg, "val")
+    stream = StreamDataset(source, eval_sample_transform(cfg), loop=False, shuffle=False)
+    (batch,) = list(DataLoader(stream, batch_size=2))
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].dtype == torch.int64
+    assert (batch["label"][0] == 2).all() and (batch["label"][1] == 255).all()
+    assert batch["id"] == ["x", "y"]
+
+
+def test_create_dataset_registry() -> None:
+    val = create_dataset(DataConfig(synthetic_val_size=7, image_size=32), "val")
+    assert len(val) == 7 and val.split == "val"
+    with pytest.raises(DataError) as exc:
+        create_dataset(DataConfig(dataset="imagenet"), "train")
+    _one_line_data_error(exc, "'imagenet'", "folder", "shards", "synthetic")

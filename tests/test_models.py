@@ -1,0 +1,159 @@
+"""Model shapes, loss terms and their gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from san.config import load_config
+from san.engine import Trainer, split_outputs
+from san.losses import SANLoss, mutual_information_loss, orthogonality_loss
+from san.models import create_model
+
+TINY = ["model.encoder=resnet10t", "model.vit_depth=1", "model.embed_dim=16", "model.decoder_dim=8"]
+
+
+def tiny_cfg(*overrides):
+    return load_config(None, TINY + list(overrides))
+
+
+@pytest.mark.parametrize(("size", "k", "stride"), [(32, 3, 8), (64, 7, 8), (48, 5, 4)])
+def test_san_output_shapes(size, k, stride):
+    cfg = tiny_cfg(
+        f"data.image_size={size}",
+        f"model.n_clusters={k}",
+        f"model.stride={stride}",
+        "model.vit_patch_size=8" if size % 16 else "model.vit_patch_size=16",
+    )
+    model = create_model(cfg)
+    out = model(torch.randn(2, 3, size, size))
+    h = size // stride
+    assert out["z"].shape == (2, 16, h, h)
+    assert out["logits"].shape == (2, k, h, h)
+    assert out["centres"].shape == (k, 16)
+    assert out["recon"].shape == (2, 3, size, size)
+    torch.testing.assert_close(out["assign"].sum(1), torch.ones(2, h, h))
+    model.eval()
+    assert model.predict(torch.randn(2, 3, size, size)).shape == (2, size, size)
+
+
+@pytest.mark.parametrize("name", ["iic", "kmeans"])
+def test_baseline_shapes(name):
+    cfg = tiny_cfg(f"model.name={name}", "data.image_size=32", "model.n_clusters=4")
+    model = create_model(cfg)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out["logits"].shape == (2, 4, 4, 4)
+    model.eval()
+    assert model.predict(torch.randn(1, 3, 32, 32)).max() < 4
+
+
+def test_eval_uses_running_centres_so_prediction_is_batch_independent():
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8")
+    model = create_model(cfg)
+    images = torch.randn(4, 3, 32, 32)
+    model.train()
+    model(images)
+    model.eval()
+    alone = model.predict(images[:1])
+    together = model.predict(images)[:1]
+    assert torch.equal(alone, together)
+
+
+def make_batch(n=2, size=32):
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(n, 1)
+    flip = torch.zeros(n, dtype=torch.bool)
+    views = torch.randn(n, 3, size, size)
+    return {
+        "view1": views,
+        "view2": views.flip(-1),
+        "box1": box,
+        "box2": box,
+        "flip1": flip,
+        "flip2": ~flip,
+    }
+
+
+def forward_pair(model, batch):
+    both = model(torch.cat([batch["view1"], batch["view2"]]))
+    return split_outputs(both, batch["view1"].shape[0])
+
+
+def test_every_term_finite_and_reaches_its_parameters():
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8")
+    model = create_model(cfg)
+    batch = make_batch()
+    loss_fn = SANLoss(cfg.loss)
+    out1, out2 = forward_pair(model, batch)
+    _, terms = loss_fn(out1, out2, batch)
+    assert set(terms) == {"mi", "con", "rec", "orth"}
+    # Which parameters each term must reach.
+    reaches = {
+        "mi": ["encoder", "semantic"],
+        "con": ["encoder", "semantic"],
+        "rec": ["encoder", "semantic", "decoder"],
+        "orth": ["semantic"],
+    }
+    for name, value in terms.items():
+        assert torch.isfinite(value), name
+        if name != "mi":
+            assert value >= 0, name
+        model.zero_grad()
+        out1, out2 = forward_pair(model, batch)
+        _, terms_again = loss_fn(out1, out2, batch)
+        terms_again[name].backward()
+        for part in reaches[name]:
+            grads = [p.grad for p in getattr(model, part).parameters() if p.grad is not None]
+            assert grads and any(g.abs().sum() > 0 for g in grads), f"{name} -> {part}"
+        if name == "orth":
+            assert all(
+                p.grad is None or p.grad.abs().sum() == 0 for p in model.encoder.parameters()
+            )
+
+
+def test_weight_zero_removes_term_and_its_compute():
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8", "loss.w_rec=0", "loss.w_orth=0")
+    model = create_model(cfg)
+    assert model.decoder is None  # L_rec off: no decoder is built or run
+    batch = make_batch()
+    out1, out2 = forward_pair(model, batch)
+    total, terms = SANLoss(cfg.loss)(out1, out2, batch)
+    assert set(terms) == {"mi", "con"}
+    torch.testing.assert_close(total, terms["mi"] * cfg.loss.w_mi + terms["con"] * cfg.loss.w_con)
+
+
+def test_orthogonality_zero_for_orthonormal_centres():
+    q, _ = torch.linalg.qr(torch.randn(16, 16))
+    assert orthogonality_loss(q[:5] * 3.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert orthogonality_loss(torch.ones(5, 16)).item() == pytest.approx(20.0, rel=1e-5)
+
+
+def test_mutual_information_prefers_agreeing_views():
+    labels = torch.randint(0, 4, (2, 8, 8))
+    sharp = F.one_hot(labels, 4).permute(0, 3, 1, 2).float()
+    valid = torch.ones(2, 8, 8, dtype=torch.bool)
+    agree = mutual_information_loss(sharp, sharp, valid)
+    uniform = torch.full_like(sharp, 0.25)
+    assert agree < mutual_information_loss(sharp, uniform, valid) - 0.5
+    # With one-hot, independent-of-nothing assignments, -MI = -H(clusters) ~ -log 4.
+    assert agree.item() == pytest.approx(-torch.log(torch.tensor(4.0)).item(), abs=0.15)
+
+
+def test_iic_uses_only_mi():
+    cfg = tiny_cfg("model.name=iic", "data.image_size=32")
+    model = create_model(cfg)
+    batch = make_batch()
+    out1, out2 = forward_pair(model, batch)
+    _, terms = SANLoss(cfg.loss)(out1, out2, batch)
+    assert set(terms) == {"mi"}
+
+
+def test_trainer_step_changes_parameters_and_state_round_trips():
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8", "optim.max_steps=5")
+    model = create_model(cfg)
+    trainer = Trainer(model, cfg, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = trainer.step(make_batch(4))
+    assert {"loss", "loss_mi", "loss_con", "loss_rec", "loss_orth"} <= set(losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    other = Trainer(create_model(cfg), cfg, torch.device("cpu"))
+    other.load_state_dict(trainer.state_dict())
+    assert other.scheduler.last_epoch == trainer.scheduler.last_epoch == 1
