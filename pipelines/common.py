@@ -66,7 +66,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.root:  # workers may run in another directory: relative roots -> project root
+        cfg.data.root = resolve_storage(cfg.data.root)
+    return cfg
 
 
 def tracking_uri() -> str:
@@ -103,6 +106,10 @@ def init_ray(num_cpus: int | None = None) -> None:
     runtime_env = {"env_vars": worker_env()}
     address = os.environ.get("RAY_ADDRESS")
     if address:
+        # Under `ray job submit` the job's runtime env (working_dir, env_vars) is merged with
+        # this one; both carry the same variables, which Ray rejects as a conflict unless told
+        # to let the driver's values win (they are the job's own values, read from os.environ).
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env)

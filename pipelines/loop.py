@@ -139,6 +139,18 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def sync_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics, running centres).
+
+    DDP broadcasts buffers before each forward, but the forward then updates them
+    locally, so without this each rank would evaluate a slightly different model
+    from the one rank 0 checkpoints.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _broadcast(obj, rank: int):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj if rank == 0 else None]
@@ -224,6 +236,7 @@ def train_loop(loop_config: dict) -> None:
                     logger.metrics(losses, step)
             images_seen, window_start = 0, time.perf_counter()
         if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
+            sync_buffers(core)
             evaluation = run_evaluation(core, cfg, device, rank, world_size)
             metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
             metrics = _broadcast(metrics, rank)

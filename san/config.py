@@ -73,7 +73,8 @@ class LossConfig:
 @dataclass
 class DataConfig:
     # Dataset registry name: "synthetic" (procedural scenes, no download),
-    # "folder" (root/<split>/images + labels) or "shards" (Parquet shards at root).
+    # "folder" (root/<split>/images + labels), "shards" (Parquet shards at root), or a
+    # standard layout read in place: "cocostuff27", "cityscapes27", "potsdam", "potsdam3".
     dataset: str = "synthetic"
     # Folder path or fsspec URL (local path or s3://bucket/prefix). Unused for synthetic.
     root: str = ""
@@ -171,7 +172,15 @@ class Config:
 CHOICES: dict[str, tuple[Any, ...]] = {
     "model.name": ("san", "iic", "kmeans"),
     "model.stride": (4, 8),
-    "data.dataset": ("synthetic", "folder", "shards"),
+    "data.dataset": (
+        "synthetic",
+        "folder",
+        "shards",
+        "cocostuff27",
+        "cityscapes27",
+        "potsdam",
+        "potsdam3",
+    ),
     "optim.precision": ("none", "bf16", "fp16"),
     "run.use_gpu": ("auto", "true", "false"),
 }

@@ -169,6 +169,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shared datasets must stay readable
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

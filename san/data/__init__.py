@@ -22,15 +22,22 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from san.config import DataConfig
 from san.data.base import DataError, decode_image, decode_label, encode_png
+from san.data.cityscapes import Cityscapes27
+from san.data.cocostuff import CocoStuff27
 from san.data.folder import FolderDataset
+from san.data.potsdam import Potsdam, Potsdam3
 from san.data.shards import ShardDataset, fs_for_url, write_shards
 from san.data.synthetic import SyntheticScenes
 from san.data.transforms import PairTransform, eval_transform
 
 __all__ = [
     "DATASETS",
+    "Cityscapes27",
+    "CocoStuff27",
     "DataError",
     "FolderDataset",
+    "Potsdam",
+    "Potsdam3",
     "ShardDataset",
     "StreamDataset",
     "SyntheticScenes",
@@ -69,10 +76,30 @@ def _shards(cfg: DataConfig, split: str) -> ShardDataset:
     return ShardDataset(cfg.root, split)
 
 
+def _cocostuff27(cfg: DataConfig, split: str) -> CocoStuff27:
+    return CocoStuff27(cfg.root, split)
+
+
+def _cityscapes27(cfg: DataConfig, split: str) -> Cityscapes27:
+    return Cityscapes27(cfg.root, split)
+
+
+def _potsdam(cfg: DataConfig, split: str) -> Potsdam:
+    return Potsdam(cfg.root, split)
+
+
+def _potsdam3(cfg: DataConfig, split: str) -> Potsdam3:
+    return Potsdam3(cfg.root, split)
+
+
 DATASETS: dict[str, Callable[[DataConfig, str], Any]] = {
     "synthetic": _synthetic,
     "folder": _folder,
     "shards": _shards,
+    "cocostuff27": _cocostuff27,
+    "cityscapes27": _cityscapes27,
+    "potsdam": _potsdam,
+    "potsdam3": _potsdam3,
 }
 
 

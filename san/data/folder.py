@@ -111,17 +111,23 @@ class FolderDataset(IndexedSource):
         The encoded bytes are kept as they are; with `validate`, each sample is decoded
         once so a bad file fails here (naming its id) rather than during training.
         """
-        for index, sample_id in enumerate(self.ids):
-            image_bytes = self._read(self.image_paths[index], sample_id)
-            label_path = self.label_paths[index]
-            label_bytes = self._read(label_path, sample_id) if label_path else None
-            image = decode_image(image_bytes, sample_id)
-            if validate and label_bytes is not None:
-                check_sizes(image, decode_label(label_bytes, sample_id), sample_id)
-            yield {
-                "id": sample_id,
-                "image_bytes": image_bytes,
-                "label_bytes": label_bytes,
-                "width": int(image.shape[2]),
-                "height": int(image.shape[1]),
-            }
+        for index in range(len(self.ids)):
+            yield self.record(index, validate)
+
+    def record(self, index: int, validate: bool = True) -> dict:
+        """One sample of `iter_records`; a bad one raises DataError naming its id, so a caller
+        can report it and go on with the next (pipelines/prepare_data.py --on-bad skip)."""
+        sample_id = self.ids[index]
+        image_bytes = self._read(self.image_paths[index], sample_id)
+        label_path = self.label_paths[index]
+        label_bytes = self._read(label_path, sample_id) if label_path else None
+        image = decode_image(image_bytes, sample_id)
+        if validate and label_bytes is not None:
+            check_sizes(image, decode_label(label_bytes, sample_id), sample_id)
+        return {
+            "id": sample_id,
+            "image_bytes": image_bytes,
+            "label_bytes": label_bytes,
+            "width": int(image.shape[2]),
+            "height": int(image.shape[1]),
+        }

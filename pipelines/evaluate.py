@@ -1,0 +1,127 @@
+"""Evaluate a SAN checkpoint from any storage URI and log the result to MLflow.
+
+    python pipelines/evaluate.py --checkpoint URI [--register NAME [--alias A]] [data.key=value ...]
+
+The metrics (Hungarian pixel accuracy and mIoU, per-class IoU, the random
+floor, the linear probe) and pictures are logged against the training run that
+wrote the checkpoint when it is known to the tracking server, else to a new run
+tagged with the checkpoint URI. The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.common import UserError, print_result, run_main  # noqa: E402
+from san.config import Config, apply_overrides, from_dict  # noqa: E402
+from san.storage import CheckpointError, load_checkpoint  # noqa: E402
+
+log = logging.getLogger("san")
+
+
+def load_model(uri: str, overrides: list[str]):
+    """(model, cfg, state) from a checkpoint; a checkpoint that does not fit is one line."""
+    import torch
+
+    from san.models import create_model
+
+    try:
+        state, saved = load_checkpoint(uri)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    cfg = from_dict(apply_overrides(saved, overrides))
+    model = create_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"checkpoint {uri} does not fit the config (model.n_clusters="
+            f"{cfg.model.n_clusters}, model.embed_dim={cfg.model.embed_dim}): {first[:200]}"
+        ) from None
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), cfg, state
+
+
+def target_run(state: dict, uri: str, cfg: Config) -> str:
+    """The training run that wrote the checkpoint, or a new evaluation run."""
+    from pipelines import tracking
+
+    mlflow_client = tracking.client()
+    run_id = state.get("mlflow_run_id")
+    if run_id:
+        try:
+            mlflow_client.get_run(run_id)
+            return run_id
+        except Exception:  # written against another tracking server
+            log.info("training run %s is not on this tracking server; creating one", run_id)
+    run = mlflow_client.create_run(
+        tracking.experiment_id(cfg.run.experiment),
+        run_name=f"eval-{cfg.run.name}",
+        tags={"san.evaluated_checkpoint": uri},
+    )
+    mlflow_client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def register(model, run_id: str, name: str, alias: str) -> dict:
+    """Log the model into the run and register it as a version with an alias."""
+    import mlflow
+    import mlflow.pytorch
+
+    from pipelines.common import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model.cpu(),
+            name="model",
+            serialization_format="pickle",  # the model class is importable from san
+            pip_requirements=["torch", "timm", "san-platform"],
+        )
+    version = mlflow.register_model(info.model_uri, name)
+    mlflow.MlflowClient(tracking_uri()).set_registered_model_alias(name, alias, version.version)
+    return {"name": name, "version": int(version.version), "alias": alias}
+
+
+def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, alias: str) -> dict:
+    from pipelines import tracking
+    from pipelines.loop import run_evaluation
+
+    model, cfg, state = load_model(checkpoint, overrides)
+    step = int(state.get("step", 0))
+    evaluation = run_evaluation(model, cfg, next(model.parameters()).device)
+    if not evaluation.metrics:
+        raise UserError(f"no labelled pixels in {cfg.data.dataset} split {cfg.data.val_split!r}")
+    run_id = target_run(state, checkpoint, cfg)
+    logger = tracking.RunLogger(run_id)
+    logger.metrics({f"eval/{k}": v for k, v in evaluation.metrics.items()}, step)
+    for name, data in evaluation.pictures.items():
+        logger.artifact(data, f"eval/step_{step:07d}_{name}")
+    logger.tag("eval.checkpoint_uri", checkpoint)
+    tracking.log_json(run_id, {"checkpoint": checkpoint, **evaluation.scores}, "eval/scores.json")
+    result = {"mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": evaluation.metrics}
+    if register_as:
+        result["registered"] = register(model, run_id, register_as, alias)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint URI (path or s3://...)")
+    parser.add_argument("--register", metavar="NAME", help="register the model under NAME")
+    parser.add_argument("--alias", default="champion", help="alias for the registered version")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. data.max_val_images=50"
+    )
+    args = parser.parse_args()
+    print_result(evaluate(args.checkpoint, args.overrides, args.register, args.alias))
+
+
+if __name__ == "__main__":
+    run_main(main)

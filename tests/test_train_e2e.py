@@ -1,0 +1,144 @@
+"""The main job end to end on real components: Ray Train, an MLflow server, an S3 endpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "pipelines" / "configs" / "tiny.yaml"
+
+pytestmark = pytest.mark.e2e
+
+
+def pipeline_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def run_pipeline(script: str, args: list[str], env: dict[str, str], timeout: float = 400):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / script), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server):
+    bucket = s3_server.make_bucket("san-e2e").removeprefix("s3://")
+    env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **s3_server.env)
+    result, proc = run_pipeline(
+        "train.py",
+        [
+            "--config",
+            str(TINY),
+            "run.num_workers=2",
+            "run.cpus_per_worker=1",
+            f"run.storage=s3://{bucket}/runs",
+            "run.name=e2e-s3",
+        ],
+        env,
+    )
+    assert "step 6/6" in proc.stderr  # progress lines reach the terminal
+    checkpoint = result["checkpoint"]
+    assert checkpoint == f"s3://{bucket}/runs/e2e-s3/checkpoint_0000006"
+    keys = {obj["Key"] for obj in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
+    for step in ("0000003", "0000006"):
+        for name in ("MANIFEST.json", "state.pt", "config.json"):
+            assert f"runs/e2e-s3/checkpoint_{step}/{name}" in keys
+
+    client = MlflowClient(mlflow_server.uri)
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.n_clusters"] == "4"
+    assert run.data.params["run.num_workers"] == "2"
+    assert run.data.tags["checkpoint_uri"] == checkpoint
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert len({m.step for m in losses}) >= 3
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "miou")] == [3, 6]
+    pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
+    assert "pictures/step_0000006_overlay.png" in pictures
+    assert "pictures/step_0000006_confusion.png" in pictures
+    # Artifacts were proxied by the server into the S3 bucket.
+    artifact_keys = [
+        obj["Key"]
+        for obj in s3_server.client().list_objects_v2(Bucket="mlflow-artifacts")["Contents"]
+    ]
+    assert any(k.endswith("step_0000006_overlay.png") for k in artifact_keys)
+
+    evaluated, _ = run_pipeline("evaluate.py", ["--checkpoint", checkpoint], env)
+    assert evaluated["mlflow_run_id"] == run.info.run_id
+    for name in ("miou", "pixel_accuracy", "probe_miou"):
+        assert 0.0 <= evaluated["metrics"][name] <= 1.0, name
+    logged = client.get_metric_history(run.info.run_id, "eval/miou")
+    assert [m.step for m in logged] == [6]
+    assert logged[0].value == pytest.approx(evaluated["metrics"]["miou"])
+    # Evaluating the same weights on the same data reproduces the training-time number.
+    assert evaluated["metrics"]["miou"] == pytest.approx(result["metrics"]["miou"], abs=1e-6)
+
+
+def latest_complete_checkpoint(run_dir: Path) -> int:
+    steps = [int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/MANIFEST.json")]
+    return max(steps, default=0)
+
+
+def test_interrupted_run_resumes_at_saved_step(tmp_path):
+    env = pipeline_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = [
+        "--config",
+        str(TINY),
+        f"run.storage={tmp_path / 'ray'}",
+        "run.name=resume-me",
+        "optim.max_steps=60",
+        "run.checkpoint_every=5",
+        "run.keep_checkpoints=0",
+        "run.probe_steps=0",
+    ]
+    run_dir = tmp_path / "ray" / "resume-me"
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while latest_complete_checkpoint(run_dir) < 10 and time.time() < deadline:
+            assert first.poll() is None, "the first run ended before it could be interrupted"
+            time.sleep(0.5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+        first.wait()
+    saved = latest_complete_checkpoint(run_dir)
+    assert 10 <= saved < 60, f"interrupt came too late or too early (step {saved})"
+
+    result, proc = run_pipeline("train.py", args, env)
+    resumed_at = int(proc.stderr.split("resumed from step ")[1].split()[0])
+    assert resumed_at >= saved, proc.stderr[-2000:]
+    assert f"step {resumed_at + 2}/60" in proc.stderr or resumed_at + 2 > 60
+    assert "step 2/60 " not in proc.stderr  # it did not start again at 0
+    assert result["metrics"]["step"] == 60
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs(
+        [client.get_experiment_by_name("san").experiment_id],
+        filter_string="tags.`san.run_name` = 'resume-me'",
+    )
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]  # the same run, resumed
+    assert runs[0].data.tags["san.resumed_at_step"] == str(resumed_at)
