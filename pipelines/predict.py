@@ -1,0 +1,257 @@
+"""Batch prediction: segment every image under a URL with Ray Data, one mask PNG per image.
+
+    python pipelines/predict.py --checkpoint URI --input URL --output URL [--overlay]
+    ray job submit --working-dir . -- python pipelines/predict.py --checkpoint s3://... ...
+
+The input is a folder of .jpg/.jpeg/.png files (directly under URL or under URL/images/) or a
+set of Parquet shards (a manifest.json under URL or URL/<split>/), local or ``s3://``. Each
+image gets ``<output>/masks/<id>.png`` (uint8 cluster ids at the image's own size) and, with
+``--overlay``, ``<output>/overlays/<id>.png``. The mask is written last and atomically, so an
+existing mask means that image is finished: re-running skips it (idempotent, resumable).
+
+The model runs in a pool of Ray Data actors (`Predictor`), each loading the checkpoint once.
+The last stdout line is one JSON object: {"total", "skipped", "written", "output"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.common import UserError, init_ray, print_result, run_main  # noqa: E402
+from san import storage  # noqa: E402
+
+log = logging.getLogger("san")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SHARD_MANIFEST = "manifest.json"
+MASK_DIR = "masks"
+OVERLAY_DIR = "overlays"
+
+
+@dataclass
+class InputPlan:
+    """What to read: image file URLs (folder input) or shard file URLs (Parquet input)."""
+
+    kind: str  # "folder" or "shards"
+    images: dict[str, str]  # id -> file URL (folder input only)
+    shards: list[str]  # shard file URLs (shard input only)
+
+
+def _is_file(url: str) -> bool:
+    fs, path = storage.filesystem(url)
+    return bool(fs.isfile(path))
+
+
+def plan_input(url: str, split: str) -> InputPlan:
+    """Find the images under ``url``: shards (manifest.json) first, else image files."""
+    import json
+
+    for root in (url, storage.join(url, split)):
+        manifest = storage.join(root, SHARD_MANIFEST)
+        if _is_file(manifest):
+            shards = json.loads(storage.read_bytes(manifest))["shards"]
+            return InputPlan("shards", {}, [storage.join(root, s["file"]) for s in shards])
+    for folder in (url, storage.join(url, "images"), storage.join(url, split, "images")):
+        try:
+            names = storage.list_dir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        images = {
+            os.path.splitext(n)[0]: storage.join(folder, n)
+            for n in names
+            if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+        }
+        if images:
+            return InputPlan("folder", images, [])
+    raise UserError(
+        f"no images under {url}: expected .jpg/.jpeg/.png files in it or in its images/ "
+        f"folder, or Parquet shards with a {SHARD_MANIFEST}"
+    )
+
+
+def finished_ids(output: str) -> set[str]:
+    """Ids whose mask already exists (one listing of the output, not one request per image)."""
+    try:
+        names = storage.list_dir(storage.join(output, MASK_DIR))
+    except FileNotFoundError:
+        return set()
+    return {n[: -len(".png")] for n in names if n.endswith(".png")}
+
+
+class Predictor:
+    """Ray Data callable class: loads the checkpoint once per actor, segments a batch, writes.
+
+    A batch holds ``id`` plus either ``url`` (image files) or ``image`` (encoded bytes from
+    shards). Images are resized whole to the model's square input size, and the logits are
+    resized back to each image's own size, so a mask covers its image pixel for pixel.
+    Returns one row per input: ``id`` and ``status`` ("written" or "skipped").
+    """
+
+    def __init__(
+        self, checkpoint: str, output: str, overlay: bool, skip: frozenset[str] = frozenset()
+    ) -> None:
+        import torch
+
+        from san.config import from_dict
+        from san.models import create_model
+
+        state, config = storage.load_checkpoint(checkpoint)
+        self.cfg = from_dict(config)
+        self.model = create_model(self.cfg)
+        self.model.load_state_dict(state["model"])
+        self.model.eval()
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
+        self.output = output
+        self.overlay = overlay
+        self.skip = skip
+
+    def _segment(self, image):
+        """uint8 3xHxW -> (uint8 HxW cluster ids, float 3xHxW image in [0, 1])."""
+        import torch
+        import torch.nn.functional as F
+
+        from san.data.transforms import normalize
+
+        size = self.cfg.data.image_size
+        height, width = image.shape[-2:]
+        rgb = image.float().unsqueeze(0) / 255.0
+        x = F.interpolate(rgb, size=(size, size), mode="bilinear", antialias=True)
+        x = normalize(x[0].clamp(0, 1)).unsqueeze(0).to(self.device)
+        with torch.no_grad():
+            logits = self.model(x)["logits"]
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear")
+        mask = logits.argmax(dim=1)[0].to("cpu", torch.uint8)
+        return mask, rgb[0]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from san.data import decode_image, encode_png
+        from san.viz import overlay_panel
+
+        ids = [str(i) for i in batch["id"]]
+        statuses = []
+        for index, sample_id in enumerate(ids):
+            mask_url = storage.join(self.output, MASK_DIR, f"{sample_id}.png")
+            if sample_id in self.skip:
+                statuses.append("skipped")
+                continue
+            if "image" in batch:
+                data = bytes(batch["image"][index])
+            else:
+                data = storage.read_bytes(str(batch["url"][index]))
+            mask, rgb = self._segment(decode_image(data, sample_id))
+            if self.overlay:
+                panel = overlay_panel(rgb.unsqueeze(0), mask.unsqueeze(0).long())
+                overlay_url = storage.join(self.output, OVERLAY_DIR, f"{sample_id}.png")
+                storage.write_bytes_atomic(overlay_url, panel)
+            storage.write_bytes_atomic(mask_url, encode_png(mask))  # last: marks the id done
+            statuses.append("written")
+        return {"id": np.array(ids, dtype=object), "status": np.array(statuses, dtype=object)}
+
+
+def build_dataset(plan: InputPlan, done: set[str]):
+    """The Ray Data dataset of work: folder images not yet done, or every shard row."""
+    import ray.data
+
+    if plan.kind == "folder":
+        items = [{"id": i, "url": u} for i, u in sorted(plan.images.items()) if i not in done]
+        if not items:
+            return None
+        return ray.data.from_items(items)
+    filesystem, _ = storage.pyarrow_filesystem(plan.shards[0])
+    paths = [storage.pyarrow_filesystem(s)[1] for s in plan.shards]
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=["id", "image"])
+
+
+def predict(
+    checkpoint: str,
+    input_url: str,
+    output: str,
+    overlay: bool = False,
+    split: str = "val",
+    batch_size: int = 8,
+    num_actors: int = 1,
+    num_gpus: float = 0.0,
+) -> dict[str, Any]:
+    """Segment every unfinished image under ``input_url``; returns counts for the summary."""
+    try:
+        storage.load_checkpoint(checkpoint)  # fail here, in one line, not inside an actor
+    except storage.CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        storage.check_storage(output)
+    except storage.StorageError as exc:
+        raise UserError(str(exc)) from None
+    plan = plan_input(input_url, split)
+    done = finished_ids(output)
+    total = len(plan.images) if plan.kind == "folder" else None
+    log.info("input %s: %s; %d images already have masks", input_url, plan.kind, len(done))
+    if plan.kind == "shards" or set(plan.images) - done:  # nothing to do: no Ray start
+        init_ray()
+    dataset = build_dataset(plan, done)
+    written = skipped = 0
+    if dataset is not None:
+        results = dataset.map_batches(
+            Predictor,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "output": output,
+                "overlay": overlay,
+                "skip": frozenset(done) if plan.kind == "shards" else frozenset(),
+            },
+            batch_size=batch_size,
+            concurrency=num_actors,
+            num_cpus=1,
+            num_gpus=num_gpus,
+        )
+        for row in results.iter_rows():
+            if row["status"] == "written":
+                written += 1
+                if written % 20 == 0:
+                    log.info("predicted %d images", written)
+            else:
+                skipped += 1
+    if plan.kind == "folder":
+        skipped = total - written
+    else:
+        total = written + skipped
+    log.info("done: %d written, %d skipped, masks under %s", written, skipped, output)
+    return {"total": total, "written": written, "skipped": skipped, "output": output}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="SAN checkpoint URI (local or s3://)")
+    parser.add_argument("--input", required=True, help="folder or shards URL (local or s3://)")
+    parser.add_argument("--output", required=True, help="output URL: masks/ and overlays/")
+    parser.add_argument("--overlay", action="store_true", help="also write overlay PNGs")
+    parser.add_argument("--split", default="val", help="split folder to look in (default val)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-actors", type=int, default=1, help="model replicas (actors)")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    args = parser.parse_args()
+    print_result(
+        predict(
+            args.checkpoint,
+            args.input,
+            args.output,
+            overlay=args.overlay,
+            split=args.split,
+            batch_size=args.batch_size,
+            num_actors=args.num_actors,
+            num_gpus=args.num_gpus,
+        )
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)
