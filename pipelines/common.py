@@ -44,8 +44,33 @@ FORWARDED_ENV = (
 )
 
 
+# Of those, the secrets. Ray writes a job's runtime env, values included, into its logs
+# (runtime_env_agent.log), so a local Ray gets them by inheritance instead: its processes
+# are started by this driver and inherit its environment.
+SECRET_ENV = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit code 2."""
+
+
+class RunError(Exception):
+    """A run that started but failed for good (restarts used up); one line, exit code 1.
+
+    The full traceback is in the log above it; this line names the root cause.
+    """
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """Collapse a message to one line (errors from Ray workers span many)."""
+    return " ".join(str(text).split())[:limit]
 
 
 def setup_logging() -> None:
@@ -112,7 +137,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    ray.init(num_cpus=num_cpus, runtime_env=runtime_env)
+    # Ray's state API (which Train V2's placement-group cleaner uses to notice a finished or
+    # killed run) looks for "the" local cluster and fails when a machine runs several; point
+    # it at this one's dashboard, on a port chosen here so workers can know it up front.
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    env_vars = runtime_env["env_vars"]
+    runtime_env["env_vars"] = {k: v for k, v in env_vars.items() if k not in SECRET_ENV}
+    ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_port=dashboard_port)
 
 
 def check_services(cfg: Config) -> None:
@@ -145,8 +181,11 @@ def run_main(main) -> None:
     try:
         main()
     except (ConfigError, UserError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except RunError as exc:
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def timer() -> float:

@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -104,6 +105,9 @@ def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, ali
     for name, data in evaluation.pictures.items():
         logger.artifact(data, f"eval/step_{step:07d}_{name}")
     logger.tag("eval.checkpoint_uri", checkpoint)
+    logger.close(
+        os.path.join(tempfile.gettempdir(), "san-mlflow-spill")
+    )  # spills if MLflow is down
     tracking.log_json(run_id, {"checkpoint": checkpoint, **evaluation.scores}, "eval/scores.json")
     result = {"mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": evaluation.metrics}
     if register_as:

@@ -22,6 +22,7 @@ from san import storage
 from san.config import Config, from_dict
 from san.data import (
     DataError,
+    SkipBad,
     StreamDataset,
     create_dataset,
     eval_sample_transform,
@@ -74,6 +75,7 @@ def run_evaluation(
     other half to score).
     """
     source = create_dataset(cfg.data, cfg.data.val_split)
+    source.on_bad = SkipBad(cfg.data.max_bad_samples)
     n_classes = eval_classes(cfg, source)
     stream = StreamDataset(
         source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
@@ -170,6 +172,8 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    # The pid lets an operator (or a fault-injection test) find this worker's process.
+    log.info("worker rank %d of %d: pid %d on %s", rank, world_size, os.getpid(), device)
     torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     seed_everything(cfg.run.seed)  # same init on every rank; DDP also broadcasts rank 0's
 
@@ -179,6 +183,15 @@ def train_loop(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state, _ = storage.load_checkpoint(directory)
+    else:
+        # Ray registered none, but a complete one may be in storage: a worker killed after
+        # its upload and before ray.train.report. Resuming from it loses no finished work.
+        found = storage.latest_complete_checkpoint(storage_url)
+        if found is not None:
+            state = found[1]
+            if rank == 0:
+                log.info("no checkpoint registered with Ray; using %s from storage", found[0])
+    if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0
     core = model
@@ -190,8 +203,10 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             log.info("resumed from step %d", start_step)
 
+    source = create_dataset(cfg.data, cfg.data.train_split)
+    source.on_bad = SkipBad(cfg.data.max_bad_samples)  # a corrupt file must not end a long run
     stream = StreamDataset(
-        create_dataset(cfg.data, cfg.data.train_split),
+        source,
         train_pair_transform(cfg.data),
         rank,
         world_size,
@@ -207,70 +222,78 @@ def train_loop(loop_config: dict) -> None:
     )
     logger = RunLogger(run_id) if rank == 0 and run_id else None
     if logger and state:
+        # A restart (worker lost, or the driver rerun) shows in the same run: the tag holds
+        # the latest resume, the metric's history every one of them.
         logger.tag("san.resumed_at_step", str(start_step))
-    batches = iter(loader)
-    images_seen, window_start = 0, time.perf_counter()
-    step = start_step
-    while step < cfg.optim.max_steps:
-        batch = next(batches)
-        losses = trainer.step(batch)
-        step += 1
-        images_seen += batch["view1"].shape[0] * world_size
-        if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
-            elapsed = time.perf_counter() - window_start
-            throughput = images_seen / max(elapsed, 1e-9)
-            losses["img_per_s"] = throughput
-            losses["lr"] = trainer.scheduler.get_last_lr()[0]
-            if rank == 0:
-                terms = " ".join(f"{k[5:]} {v:.4f}" for k, v in losses.items() if k[:5] == "loss_")
-                log.info(
-                    "step %d/%d loss %.4f (%s) | %.1f img/s | lr %.2e",
-                    step,
-                    cfg.optim.max_steps,
-                    losses["loss"],
-                    terms,
-                    throughput,
-                    losses["lr"],
-                )
-                if logger:
-                    logger.metrics(losses, step)
-            images_seen, window_start = 0, time.perf_counter()
-        if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
-            sync_buffers(core)
-            evaluation = run_evaluation(core, cfg, device, rank, world_size)
-            metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
-            metrics = _broadcast(metrics, rank)
-            name = checkpoint_name(step)
-            uri = storage.join(storage_url, name)
-            if rank == 0:
-                log.info(
-                    "eval step %d: mIoU %.4f pixel acc %.4f (random floor mIoU %.4f) -> %s",
-                    step,
-                    metrics.get("miou", float("nan")),
-                    metrics.get("pixel_accuracy", float("nan")),
-                    metrics.get("random_miou", float("nan")),
-                    uri,
-                )
-                if logger:
-                    logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-                    for picture, data in evaluation.pictures.items():
-                        logger.artifact(data, f"pictures/step_{step:07d}_{picture}")
-                    logger.tag("checkpoint_uri", uri)
-                state = {
-                    "model": core.state_dict(),
-                    "trainer": trainer.state_dict(),
-                    "step": step,
-                    "rng": capture_rng(),
-                    "mlflow_run_id": run_id,
-                }
-                with tempfile.TemporaryDirectory() as directory:
-                    storage.save_checkpoint(directory, state, cfg.to_dict())
-                    ray.train.report(
-                        metrics,
-                        checkpoint=ray.train.Checkpoint.from_directory(directory),
-                        checkpoint_dir_name=name,
+        logger.metrics({"resumed_at_step": start_step}, start_step)
+    try:
+        batches = iter(loader)
+        images_seen, window_start = 0, time.perf_counter()
+        step = start_step
+        while step < cfg.optim.max_steps:
+            batch = next(batches)
+            losses = trainer.step(batch)
+            step += 1
+            images_seen += batch["view1"].shape[0] * world_size
+            if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
+                elapsed = time.perf_counter() - window_start
+                throughput = images_seen / max(elapsed, 1e-9)
+                losses["img_per_s"] = throughput
+                losses["lr"] = trainer.scheduler.get_last_lr()[0]
+                if rank == 0:
+                    terms = " ".join(
+                        f"{k[5:]} {v:.4f}" for k, v in losses.items() if k[:5] == "loss_"
                     )
-            else:
-                ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-    if logger:
-        logger.close(os.path.join(tempfile.gettempdir(), "san-mlflow-spill"))
+                    log.info(
+                        "step %d/%d loss %.4f (%s) | %.1f img/s | lr %.2e",
+                        step,
+                        cfg.optim.max_steps,
+                        losses["loss"],
+                        terms,
+                        throughput,
+                        losses["lr"],
+                    )
+                    if logger:
+                        logger.metrics(losses, step)
+                images_seen, window_start = 0, time.perf_counter()
+            if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
+                sync_buffers(core)
+                evaluation = run_evaluation(core, cfg, device, rank, world_size)
+                metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
+                metrics = _broadcast(metrics, rank)
+                name = checkpoint_name(step)
+                uri = storage.join(storage_url, name)
+                if rank == 0:
+                    log.info(
+                        "eval step %d: mIoU %.4f pixel acc %.4f (random floor mIoU %.4f) -> %s",
+                        step,
+                        metrics.get("miou", float("nan")),
+                        metrics.get("pixel_accuracy", float("nan")),
+                        metrics.get("random_miou", float("nan")),
+                        uri,
+                    )
+                    if logger:
+                        logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                        for picture, data in evaluation.pictures.items():
+                            logger.artifact(data, f"pictures/step_{step:07d}_{picture}")
+                        logger.tag("checkpoint_uri", uri)
+                    state = {
+                        "model": core.state_dict(),
+                        "trainer": trainer.state_dict(),
+                        "step": step,
+                        "rng": capture_rng(),
+                        "mlflow_run_id": run_id,
+                    }
+                    with tempfile.TemporaryDirectory() as directory:
+                        storage.save_checkpoint(directory, state, cfg.to_dict())
+                        ray.train.report(
+                            metrics,
+                            checkpoint=ray.train.Checkpoint.from_directory(directory),
+                            checkpoint_dir_name=name,
+                        )
+                else:
+                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+    finally:
+        # Also on an error (storage down, bad data): buffered results go to a spill file.
+        if logger:
+            logger.close(os.path.join(tempfile.gettempdir(), "san-mlflow-spill"))

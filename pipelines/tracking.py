@@ -100,6 +100,17 @@ def start_run(cfg: Config, storage: str, parent_run_id: str | None = None) -> tu
     return run.info.run_id, False
 
 
+def fail_fast_http() -> None:
+    """Make MLflow HTTP calls in this process give up in seconds, not minutes.
+
+    MLflow's defaults retry a refused connection for minutes, which would freeze training
+    during an outage; callers here buffer and retry later instead. Values the user set win.
+    """
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
 
@@ -107,17 +118,23 @@ def end_run(run_id: str, status: str) -> None:
 class RunLogger:
     """Logs metrics and artifacts to one run; never lets an MLflow outage stop training.
 
-    Failed calls are kept in memory and retried on the next call; a clear warning
-    is printed once per outage; what is still unsent at `close()` is written as
-    JSON lines beside the checkpoints' local outputs so nothing is lost.
+    Failed calls are kept in memory and retried on a later call (at most every
+    `RETRY_INTERVAL_S` during an outage, so training does not wait on timeouts); a clear
+    warning is printed once per outage; what is still unsent at `close()` is written as
+    JSON lines to a local spill file so nothing is lost.
     """
 
+    RETRY_INTERVAL_S = 10.0
+
     def __init__(self, run_id: str, uri: str | None = None) -> None:
+        fail_fast_http()
         self.run_id = run_id
         self.client = MlflowClient(uri or tracking_uri())
         self.pending_metrics: list[Metric] = []
         self.pending_artifacts: list[tuple[bytes, str]] = []
+        self.pending_tags: dict[str, str] = {}
         self.failing = False
+        self.last_failure = 0.0
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -129,10 +146,20 @@ class RunLogger:
         self.flush()
 
     def tag(self, key: str, value: str) -> None:
-        self._call(lambda: self.client.set_tag(self.run_id, key, value))
+        """Tags are kept as the latest value; one lost during an outage is re-sent on flush."""
+        self.pending_tags[key] = value
+        self.flush()
 
-    def flush(self) -> bool:
+    def flush(self, force: bool = False) -> bool:
+        if self.failing and not force:
+            if time.monotonic() - self.last_failure < self.RETRY_INTERVAL_S:
+                return False
+
         def send() -> None:
+            while self.pending_tags:
+                key = next(iter(self.pending_tags))
+                self.client.set_tag(self.run_id, key, self.pending_tags[key])
+                del self.pending_tags[key]
             while self.pending_metrics:
                 batch = self.pending_metrics[:500]
                 self.client.log_batch(self.run_id, metrics=batch)
@@ -154,6 +181,7 @@ class RunLogger:
                     str(exc).splitlines()[0][:200],
                 )
             self.failing = True
+            self.last_failure = time.monotonic()
             return False
         if self.failing:
             log.warning("MLflow is reachable again; buffered results were sent")
@@ -162,13 +190,15 @@ class RunLogger:
 
     def close(self, spill_dir: str | Path) -> Path | None:
         """Final flush; if MLflow is still down, spill what is left to a JSONL file."""
-        if self.flush():
+        if self.flush(force=True):
             return None
         spill = Path(spill_dir) / f"mlflow-unsent-{self.run_id}.jsonl"
         spill.parent.mkdir(parents=True, exist_ok=True)
         with spill.open("a") as handle:
             for m in self.pending_metrics:
                 handle.write(json.dumps({"key": m.key, "value": m.value, "step": m.step}) + "\n")
+            for key, value in self.pending_tags.items():
+                handle.write(json.dumps({"tag": key, "value": value}) + "\n")
         for data, path in self.pending_artifacts:
             target = spill.parent / "mlflow-unsent-artifacts" / self.run_id / path
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.common import (  # noqa: E402
+    RunError,
+    UserError,
     add_config_args,
     check_services,
     config_from_args,
     init_ray,
+    one_line,
     print_result,
     resolve_storage,
     run_main,
@@ -30,6 +33,110 @@ from pipelines.common import (  # noqa: E402
 from san.config import Config  # noqa: E402
 
 log = logging.getLogger("san")
+
+# Samples per split that the driver reads before any worker starts. A few spread over the
+# set catch a wrong layout, a mis-sized or out-of-range label convention, an unreadable
+# folder; a lone corrupt file deep in a large set is skipped during training (SkipBad).
+PREFLIGHT_SAMPLES = 8
+
+# Model fields that fix the weights' shapes: a checkpoint from other values cannot resume.
+SHAPE_FIELDS = (
+    "name",
+    "encoder",
+    "stride",
+    "embed_dim",
+    "vit",
+    "vit_patch_size",
+    "vit_depth",
+    "n_clusters",
+    "decoder_dim",
+)
+
+
+def preflight_data(cfg: Config) -> None:
+    """Fail in one line, before Ray starts, when the data cannot feed this run.
+
+    Builds both splits (missing or empty folders fail here) and decodes a few samples of
+    each, checking label sizes and that class ids lie in 0..n_classes-1 or are 255.
+    """
+    from pipelines.loop import eval_classes
+    from san.data import DataError, create_dataset
+
+    try:
+        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
+            source = create_dataset(cfg.data, split)
+            if len(source) == 0:
+                raise DataError(
+                    f"{cfg.data.dataset} data at {cfg.data.root!r} split {split!r} is empty"
+                )
+            n_classes = eval_classes(cfg, source) if split == cfg.data.val_split else None
+            for sample in _spread_samples(source, PREFLIGHT_SAMPLES):
+                label = sample.get("label")
+                if n_classes is None or label is None:
+                    continue
+                ids = label.unique()
+                bad = ids[(ids >= n_classes) & (ids != 255)]
+                if len(bad):
+                    raise DataError(
+                        f"label {sample['id']!r} in split {split!r} has class id {int(bad[0])}; "
+                        f"allowed 0..{n_classes - 1} (data.n_classes={n_classes}) or 255 to ignore"
+                    )
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _spread_samples(source, n: int):
+    """Up to n samples spread evenly over a source (random access when it has it)."""
+    size = len(source)
+    if hasattr(source, "__getitem__"):
+        step = max(1, size // n)
+        for index in range(0, size, step)[:n]:
+            yield source[index]
+        return
+    for i, sample in enumerate(source.iter_partition(0, 1, 0, False, 0)):
+        if i >= n:
+            return
+        yield sample
+
+
+def check_resume_compatible(cfg: Config, storage: str) -> None:
+    """A rerun resumes from the run's last checkpoint; refuse one whose weights cannot fit.
+
+    Checked on the driver so a changed K or D is one line, not a worker traceback per restart.
+    """
+    import json
+
+    from san import storage as st
+
+    run_dir = st.join(storage, cfg.run.name)
+    try:
+        names = [n for n in st.list_dir(run_dir) if n.startswith("checkpoint_")]
+    except FileNotFoundError:
+        return
+    for name in sorted(names, reverse=True):
+        config_url = st.join(run_dir, name, st.CONFIG_FILE)
+        if not st.exists(st.join(run_dir, name, st.MANIFEST)) or not st.exists(config_url):
+            continue  # an unfinished upload; Ray never resumes from it
+        saved = json.loads(st.read_bytes(config_url)).get("model", {})
+        changed = [
+            f"model.{k}={saved.get(k)!r} there, {getattr(cfg.model, k)!r} here"
+            for k in SHAPE_FIELDS
+            if saved.get(k) != getattr(cfg.model, k)
+        ]
+        if changed:
+            raise UserError(
+                f"run {cfg.run.name!r} would resume from {st.join(run_dir, name)}, written with "
+                f"another model ({'; '.join(changed)}): use a new run.name or the same model"
+            )
+        return
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The root cause of a failed fit, in one line (the exception line of a worker traceback)."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    inner = next(iter(failures.values()), None) or getattr(exc, "controller_failure", None) or exc
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    return one_line(lines[-1] if lines else type(inner).__name__, 400)
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -78,12 +185,44 @@ def checkpoint_uri(storage: str, cfg: Config, checkpoint) -> str:
     return join(storage, cfg.run.name, os.path.basename(checkpoint.path.rstrip("/")))
 
 
+def finish_tracking(run_id: str, status: str, uri: str | None = None, kept=None) -> None:
+    """Close the MLflow run; if MLflow is down now, warn and keep the summary locally.
+
+    The checkpoints are already safe in storage and the result line still prints, so an
+    outage at the very end must not turn a finished run into a failed command.
+    """
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import tracking
+
+    tracking.fail_fast_http()
+    try:
+        if uri:
+            tracking.client().set_tag(run_id, "checkpoint_uri", uri)
+            tracking.log_json(run_id, kept, "checkpoints.json")
+        tracking.end_run(run_id, status)
+    except Exception as exc:  # any outage: connection, 5xx, artifact store
+        spill = Path(tempfile.gettempdir()) / "san-mlflow-spill" / f"mlflow-unsent-{run_id}.json"
+        spill.parent.mkdir(parents=True, exist_ok=True)
+        spill.write_text(json.dumps({"status": status, "checkpoint_uri": uri, "checkpoints": kept}))
+        log.warning(
+            "MLflow is unreachable at the end of the run (%s); run %s not closed, summary in %s",
+            one_line(exc, 200),
+            run_id,
+            spill,
+        )
+
+
 def train(cfg: Config) -> dict:
     """Wire storage, Ray, MLflow and the per-worker loop; return the result summary."""
     from pipelines import tracking
 
     storage = resolve_storage(cfg.run.storage)
+    preflight_data(cfg)
     check_services(cfg)
+    check_resume_compatible(cfg, storage)
     init_ray()
     run_id, resumed = tracking.start_run(cfg, storage)
     log.info(
@@ -96,19 +235,26 @@ def train(cfg: Config) -> dict:
     trainer = build_trainer(cfg, storage, run_id)
     try:
         result = trainer.fit()
+    except Exception as exc:
+        finish_tracking(run_id, "FAILED")
+        log.exception("training failed")
+        import ray
+
+        ray.shutdown()  # stops the workers' log stream, so the error below is the last line
+        raise RunError(
+            f"run {cfg.run.name} failed after {cfg.run.max_failures} restart(s); its last "
+            f"reported checkpoint under {storage}/{cfg.run.name} is kept: {failure_cause(exc)}"
+        ) from None
     except BaseException:
-        tracking.end_run(run_id, "FAILED")
+        finish_tracking(run_id, "FAILED")
         raise
     if result.checkpoint is None:
-        tracking.end_run(run_id, "FAILED")
+        finish_tracking(run_id, "FAILED")
         raise RuntimeError(f"run {cfg.run.name} finished without a checkpoint")
     uri = checkpoint_uri(storage, cfg, result.checkpoint)
     kept = sorted(checkpoint_uri(storage, cfg, c) for c, _ in result.best_checkpoints)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)}
-    mlflow_client = tracking.client()
-    mlflow_client.set_tag(run_id, "checkpoint_uri", uri)
-    tracking.log_json(run_id, {"latest": uri, "kept": kept}, "checkpoints.json")
-    tracking.end_run(run_id, "FINISHED")
+    finish_tracking(run_id, "FINISHED", uri, {"latest": uri, "kept": kept})
     return {"mlflow_run_id": run_id, "checkpoint": uri, "metrics": metrics}
 
 

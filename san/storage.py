@@ -386,3 +386,24 @@ def is_complete_checkpoint(uri: str) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def latest_complete_checkpoint(run_url: str) -> tuple[str, dict, dict] | None:
+    """The newest verified checkpoint under a run folder: ``(uri, state, config)``, or None.
+
+    Ray resumes from the checkpoints it registered; one written in full but not yet
+    registered (the worker died between upload and report) would otherwise be lost work.
+    Incomplete or corrupt directories are skipped, never loaded.
+    """
+    try:
+        names = [n for n in list_dir(run_url) if n.startswith("checkpoint_")]
+    except FileNotFoundError:
+        return None
+    for name in sorted(names, reverse=True):
+        uri = join(run_url, name)
+        try:
+            state, config = load_checkpoint(uri)
+        except CheckpointError:
+            continue
+        return uri, state, config
+    return None

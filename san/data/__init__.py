@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from san.config import DataConfig
-from san.data.base import DataError, decode_image, decode_label, encode_png
+from san.data.base import DataError, SkipBad, decode_image, decode_label, encode_png
 from san.data.cityscapes import Cityscapes27
 from san.data.cocostuff import CocoStuff27
 from san.data.folder import FolderDataset
 from san.data.potsdam import Potsdam, Potsdam3
-from san.data.shards import ShardDataset, fs_for_url, write_shards
+from san.data.shards import ShardDataset, write_shards
 from san.data.synthetic import SyntheticScenes
 from san.data.transforms import PairTransform, eval_transform
 
@@ -39,6 +39,7 @@ __all__ = [
     "Potsdam",
     "Potsdam3",
     "ShardDataset",
+    "SkipBad",
     "StreamDataset",
     "SyntheticScenes",
     "create_dataset",
@@ -46,7 +47,6 @@ __all__ = [
     "decode_label",
     "encode_png",
     "eval_sample_transform",
-    "fs_for_url",
     "sample_seed",
     "train_pair_transform",
     "write_shards",

@@ -6,15 +6,40 @@ Kept apart from `__init__` so the dataset modules can import it without a cycle.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
+log = logging.getLogger("san")
+
 
 class DataError(ValueError):
     """A dataset is missing, empty or holds a bad sample (one-line message naming it)."""
+
+
+class SkipBad:
+    """`on_bad` hook for a source: skip a bad sample with a warning naming it, up to a limit.
+
+    A corrupt file deep in a large dataset should not kill a long run hours in, but many
+    bad files mean a broken dataset, so past `limit` skips (per reading process) the run
+    stops with a DataError. Each warning carries the running count.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def __call__(self, exc: DataError) -> None:
+        self.count += 1
+        if self.count > self.limit:
+            raise DataError(
+                f"{self.count} bad samples, more than data.max_bad_samples={self.limit}; "
+                f"last: {exc}"
+            ) from None
+        log.warning("skipped bad sample %d of at most %d: %s", self.count, self.limit, exc)
 
 
 def first_line(exc: BaseException) -> str:
@@ -95,6 +120,8 @@ class IndexedSource:
 
     class_names: list[str] | None = None
     n_classes: int | None = None
+    # Called with the DataError of a bad sample while streaming; None re-raises it.
+    on_bad: Callable[[DataError], None] | None = None
 
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -107,4 +134,11 @@ class IndexedSource:
     ) -> Iterator[dict]:
         """Yield this part's samples; the parts of one epoch cover every item exactly once."""
         for index in partition_indices(len(self), part, n_parts, epoch, shuffle, seed):
-            yield self[int(index)]
+            try:
+                sample = self[int(index)]
+            except DataError as exc:
+                if self.on_bad is None:
+                    raise
+                self.on_bad(exc)
+                continue
+            yield sample

@@ -15,7 +15,6 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -30,8 +29,9 @@ from san.data.base import (
     epoch_rng,
     first_line,
 )
+from san.storage import filesystem
 
-__all__ = ["SCHEMA", "ShardDataset", "encode_png", "fs_for_url", "write_shards"]
+__all__ = ["SCHEMA", "ShardDataset", "encode_png", "write_shards"]
 
 SCHEMA = pa.schema(
     [
@@ -45,21 +45,6 @@ SCHEMA = pa.schema(
 MANIFEST = "manifest.json"
 # Rows per Parquet row group: the unit a reader holds in memory at once.
 ROW_GROUP = 64
-
-
-def fs_for_url(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and in-filesystem path of a URL; s3 picks up a custom endpoint from env."""
-    options: dict[str, Any] = {}
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = (
-            os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-        )
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-    fs, path = fsspec.core.url_to_fs(url, **options)
-    return fs, path.rstrip("/")
 
 
 def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -108,7 +93,7 @@ def write_shards(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size={shard_size} must be >= 1")
-    fs, root = fs_for_url(out_url)
+    fs, root = filesystem(out_url)
     fs.makedirs(root, exist_ok=True)
     shards: list[dict] = []
     seen: set[str] = set()
@@ -153,10 +138,13 @@ def write_shards(
 class ShardDataset:
     """Reads `<url>/<split>/` (or `<url>` itself when it has a manifest) through its manifest."""
 
+    # Called with the DataError of a bad row while streaming; None re-raises it.
+    on_bad = None
+
     def __init__(self, url: str, split: str) -> None:
         self.url = url.rstrip("/")
         self.split = split
-        self._fs, root = fs_for_url(self.url)
+        self._fs, root = filesystem(self.url)
         self._pid = os.getpid()
         direct = f"{root}/{MANIFEST}"
         nested = f"{root}/{split}/{MANIFEST}"
@@ -189,7 +177,7 @@ class ShardDataset:
     def fs(self) -> fsspec.AbstractFileSystem:
         """The filesystem, made afresh in a forked DataLoader worker (s3fs is not fork-safe)."""
         if self._pid != os.getpid():
-            self._fs, _ = fs_for_url(self.url)
+            self._fs, _ = filesystem(self.url)
             self._pid = os.getpid()
         return self._fs
 
@@ -315,4 +303,11 @@ class ShardDataset:
             table = pf.read_row_group(group, columns=["id", "image", "label"])
             columns = {name: table.column(name) for name in ("id", "image", "label")}
             for r in rows:
-                yield self._decode({k: col[r].as_py() for k, col in columns.items()})
+                try:
+                    sample = self._decode({k: col[r].as_py() for k, col in columns.items()})
+                except DataError as exc:
+                    if self.on_bad is None:
+                        raise
+                    self.on_bad(exc)
+                    continue
+                yield sample

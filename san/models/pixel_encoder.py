@@ -40,6 +40,10 @@ class PixelEncoder(nn.Module):
             nn.BatchNorm2d(embed_dim),
             nn.ReLU(inplace=True),
             nn.Conv2d(embed_dim, embed_dim, 1),
+            # Zero-mean, unit-variance channels: without this the embeddings share one
+            # dominant direction, every pixel is most similar to the same centre under
+            # cosine attention, and SEAT collapses onto one cluster from the start.
+            nn.BatchNorm2d(embed_dim, affine=False),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

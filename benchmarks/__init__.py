@@ -1,0 +1,1 @@
+"""Timed, reproducible measurements (run as scripts; see benchmarks/common.py)."""

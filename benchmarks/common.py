@@ -1,0 +1,287 @@
+"""What every benchmark shares: arguments, machine facts, the timed step, the results file.
+
+The machine these run on is small and shared (2 cores, other jobs running), so
+absolute numbers move from minute to minute. Every benchmark therefore compares
+variants *within one run*, alternating A/B repeats, and reports ratios of medians;
+those are the numbers to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from san.config import Config, load_config  # noqa: E402
+from san.data import StreamDataset, create_dataset, train_pair_transform  # noqa: E402
+from san.engine import Trainer, apply_memory_format, seed_everything  # noqa: E402
+from san.models import create_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+TINY_CONFIG = ROOT / "pipelines" / "configs" / "tiny.yaml"
+CAMVID = ROOT.parent / "shared" / "data" / "camvid"
+
+
+def parse_args(description: str, add: Callable[[argparse.ArgumentParser], None] | None = None):
+    """--quick (a smoke run under a minute) and --out (results folder), plus extras."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, < 1 min")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for <name>.md")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads in this process (0: default)"
+    )
+    if add:
+        add(parser)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+# What the full (non --quick) runs use: the tests' tiny model at a batch that still
+# exercises the data path. The shared 2-core machine runs a default.yaml step in tens
+# of seconds under load, which would make alternating repeats take hours.
+BENCH = ["optim.batch_size=8", "model.vit_depth=2"]
+
+
+def config(quick: bool, overrides: list[str] | None = None) -> Config:
+    """tiny.yaml (plus BENCH for full runs), patched with overrides."""
+    extra = [] if quick else BENCH
+    return load_config(TINY_CONFIG, extra + list(overrides or []))
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, str]:
+    """Facts that make a number interpretable: when, where, with which versions."""
+    try:
+        import ray
+
+        ray_version = ray.__version__
+    except ImportError:  # pragma: no cover - ray is a dependency
+        ray_version = "not installed"
+    load = os.getloadavg()
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), {platform.machine()}",
+        "load average at start (1/5/15 min)": f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray_version,
+        "torch threads": str(torch.get_num_threads()),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A Markdown table; floats get 3 significant digits."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str,
+    title: str,
+    out: str,
+    facts: dict[str, str],
+    main_table: str,
+    notes: str = "",
+    sections: list[tuple[str, str]] | None = None,
+) -> Path:
+    """Write benchmarks/results/<name>.md and print the main table last (what to read)."""
+    parts = [f"# {title}", ""]
+    parts += [f"- {key}: {value}" for key, value in facts.items()]
+    for heading, body in sections or []:
+        parts += ["", f"## {heading}", "", body.strip()]
+    parts += ["", "## Result", "", main_table]
+    if notes:
+        parts += ["", "## Notes", "", notes.strip()]
+    path = Path(out) / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts) + "\n")
+    for heading, body in sections or []:
+        print(f"\n## {heading}\n{body.strip()}")
+    if notes:
+        print("\n" + notes.strip())
+    print(f"\n(written to {path})\n")
+    print(main_table, flush=True)
+    return path
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The training DataLoader exactly as pipelines/loop.py builds it."""
+    stream = StreamDataset(
+        create_dataset(cfg.data, cfg.data.train_split),
+        train_pair_transform(cfg.data),
+        rank,
+        world_size,
+        seed=cfg.run.seed + rank * 7919,
+    )
+    workers = cfg.data.loader_workers
+    return DataLoader(
+        stream,
+        batch_size=cfg.optim.batch_size,
+        num_workers=workers,
+        pin_memory=False,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def build_trainer(cfg: Config, prepare: Callable | None = None) -> Trainer:
+    """Model + Trainer as pipelines/loop.py makes them (`prepare` = Ray's prepare_model)."""
+    seed_everything(cfg.run.seed)
+    model = apply_memory_format(create_model(cfg), cfg.optim)
+    if prepare is not None:
+        model = prepare(model)
+    return Trainer(model, cfg, torch.device("cpu"))
+
+
+def timed_steps(trainer: Trainer, batches: Iterator[dict], n_steps: int, warmup: int) -> dict:
+    """Run warmup steps, then time n_steps one by one (batch fetch included in each)."""
+    for _ in range(warmup):
+        trainer.step(next(batches))
+    times = []
+    for _ in range(n_steps):
+        start = time.perf_counter()
+        trainer.step(next(batches))
+        times.append(time.perf_counter() - start)
+    if not times:  # warm-up only
+        return {}
+    return {
+        "step_s_median": median(times),
+        "step_s_mean": sum(times) / len(times),
+        "steps_per_s": len(times) / sum(times),
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+    }
+
+
+def repeat(batch: dict) -> Iterator[dict]:
+    """The same pre-made batch forever: a training step with no data path at all."""
+    while True:
+        yield batch
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Start a local Ray whose workers can import `benchmarks` (PYTHONPATH is inherited)."""
+    here = str(Path(__file__).resolve().parent)  # scripts import this module as `common`
+    paths = [str(ROOT), here, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    from pipelines.common import init_ray as pipelines_init_ray
+
+    pipelines_init_ray(num_cpus=num_cpus)
+
+
+def ray_timed_worker(loop_config: dict) -> None:
+    """Ray Train worker: what pipelines/loop.py does per step, timed; rank 0 writes JSON.
+
+    Same thread setting as loop.py (torch threads = run.cpus_per_worker), same
+    `prepare_model`, Trainer and DataLoader; a `ray.train.report` at the end (a barrier).
+    """
+    import json
+
+    import ray.train
+    import ray.train.torch
+
+    from san.config import from_dict
+
+    entered = time.time()
+    cfg = from_dict(loop_config["config"])
+    torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    trainer = build_trainer(cfg, ray.train.torch.prepare_model)
+    batches = iter(train_loader(cfg, rank, world))
+    ready = time.time()
+    result = timed_steps(trainer, batches, loop_config["steps"], loop_config["warmup"])
+    result.update(entered_at=entered, ready_at=ready, world_size=world)
+    if world > 1:
+        result["allreduce_s"] = allreduce_time(trainer.model)
+    if rank == 0:
+        Path(loop_config["out_file"]).write_text(json.dumps(result))
+    ray.train.report({"steps_per_s": result["steps_per_s"]})
+
+
+def ray_fit(cfg: Config, steps: int, warmup: int, workdir: Path, tag: str) -> dict:
+    """One TorchTrainer.fit of ray_timed_worker; adds start-up (fit call -> loop entered)."""
+    import json
+
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out_file = workdir / f"{tag}.json"
+    trainer = TorchTrainer(
+        ray_timed_worker,
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "steps": steps,
+            "warmup": warmup,
+            "out_file": str(out_file),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.run.num_workers,
+            use_gpu=False,
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+        ),
+        run_config=RunConfig(name=tag, storage_path=str(workdir / "ray")),
+    )
+    start = time.time()
+    trainer.fit()
+    total = time.time() - start
+    result = json.loads(out_file.read_text())
+    result["startup_s"] = result["entered_at"] - start
+    result["fit_total_s"] = total
+    return result
+
+
+def gradient_bytes(model: torch.nn.Module) -> int:
+    """Bytes DDP all-reduces per step: every trainable parameter's gradient (fp32)."""
+    return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def allreduce_time(model: torch.nn.Module, repeats: int = 5) -> float:
+    """Median seconds of one all-reduce of a flat buffer the size of the model's gradients."""
+    import torch.distributed as dist
+
+    buffer = torch.ones(gradient_bytes(model) // 4)
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(buffer)
+        times.append(time.perf_counter() - start)
+    return median(times)

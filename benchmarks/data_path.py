@@ -1,0 +1,236 @@
+"""Images/s the data path delivers to the training step: Parquet shards vs a JPEG folder.
+
+    .venv/bin/python benchmarks/data_path.py [--quick] [--repeats N]
+
+Sources (the same images each time, ../shared/data/camvid/train, or synthetic scenes
+written as PNG when that folder is absent):
+- folder: FolderDataset, one JPEG/PNG file per image;
+- shards (local): ShardDataset over Parquet shards on local disk (write_shards);
+- shards (S3): the same shards in a bucket of a real local S3 endpoint (moto server).
+
+For each, the full training data path (StreamDataset + train_pair_transform +
+DataLoader, as pipelines/loop.py builds it) is timed with 0 and 1 loader workers,
+and the source alone (read + decode, no augmentation) shows where the time goes.
+Then a training step with real data (shards, loader_workers as configured) is
+compared with a step on a pre-made batch, alternating: if the two match, the data
+path is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import (
+    CAMVID,
+    ROOT,
+    build_trainer,
+    config,
+    machine,
+    median,
+    parse_args,
+    repeat,
+    table,
+    timed_steps,
+    train_loader,
+    write_results,
+)
+
+from san.config import from_dict
+from san.data import (
+    FolderDataset,
+    create_dataset,
+    encode_png,
+    train_pair_transform,
+    write_shards,
+)
+
+sys.path.insert(0, str(ROOT / "tests"))
+from services import S3Server  # noqa: E402
+
+
+def synthetic_folder(root: Path, n: int) -> Path:
+    """Fallback when the shared CamVid copy is absent: synthetic scenes as PNG files."""
+    from san.data import SyntheticScenes
+
+    scenes = SyntheticScenes(n_images=n, image_size=180, n_classes=5, seed=0, split="train")
+    images = root / "train" / "images"
+    images.mkdir(parents=True)
+    for i in range(n):
+        sample = scenes[i]
+        (images / f"{i:05d}.png").write_bytes(encode_png(sample["image"].permute(1, 2, 0)))
+    return root
+
+
+def subset_folder(src: Path, root: Path, n: int) -> Path:
+    """The first n images of a folder dataset's train split, copied (for --quick)."""
+    images = root / "train" / "images"
+    images.mkdir(parents=True)
+    for path in sorted((src / "train" / "images").iterdir())[:n]:
+        shutil.copy(path, images / path.name)
+    return root
+
+
+def with_data(cfg, dataset: str, root: str, workers: int):
+    values = cfg.to_dict()
+    values["data"].update(dataset=dataset, root=root, loader_workers=workers)
+    return from_dict(values)
+
+
+def delivered(cfg, n_images: int) -> float:
+    """img/s pulled from the training DataLoader (first batch, i.e. start-up, excluded)."""
+    loader = train_loader(cfg)
+    batches = iter(loader)
+    next(batches)
+    seen, start = 0, time.perf_counter()
+    while seen < n_images:
+        seen += next(batches)["view1"].shape[0]
+    rate = seen / (time.perf_counter() - start)
+    del batches, loader
+    return rate
+
+
+def source_only(cfg, n_images: int) -> float:
+    """img/s of read + decode alone (no augmentation, no DataLoader)."""
+    source = create_dataset(cfg.data, cfg.data.train_split)
+    seen, start = 0, time.perf_counter()
+    while seen < n_images:
+        for _ in source.iter_partition(0, 1, seen, True, 0):
+            seen += 1
+            if seen >= n_images:
+                break
+    return seen / (time.perf_counter() - start)
+
+
+def augment_only(cfg, n_images: int) -> float:
+    """img/s of train_pair_transform alone on already decoded images."""
+    source = create_dataset(cfg.data, cfg.data.train_split)
+    samples = [s for _, s in zip(range(16), source.iter_partition(0, 1, 0, False, 0), strict=False)]
+    transform = train_pair_transform(cfg.data)
+    start = time.perf_counter()
+    for i in range(n_images):
+        transform(samples[i % len(samples)], torch.Generator().manual_seed(i))
+    return n_images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    args = parse_args(
+        __doc__.splitlines()[0], lambda p: p.add_argument("--repeats", type=int, default=None)
+    )
+    repeats = args.repeats or (1 if args.quick else 3)
+    n_images = 32 if args.quick else 192
+    steps = 3 if args.quick else 12
+    facts = machine()
+    base = config(args.quick)
+    work = Path(tempfile.mkdtemp(prefix="san-bench-data-"))
+    s3 = S3Server(work)
+    try:
+        if CAMVID.is_dir() and args.quick:
+            folder_root, origin = subset_folder(CAMVID, work / "folder", 32), "32 CamVid JPEGs"
+        elif CAMVID.is_dir():
+            folder_root, origin = CAMVID, f"{CAMVID} (CamVid train, 367 JPEG 240x180)"
+        else:
+            folder_root, origin = synthetic_folder(work / "folder", 64), "synthetic PNG 180x180"
+        records = list(FolderDataset(str(folder_root), "train").iter_records())
+        write_shards(records, str(work / "shards" / "train"), shard_size=64)
+        s3.start()
+        import os
+
+        os.environ.update(s3.env)
+        bucket = s3.make_bucket("bench")
+        write_shards(records, f"{bucket}/shards/train", shard_size=64)
+        sources = {
+            "folder (JPEG/PNG files)": ("folder", str(folder_root)),
+            "shards (local Parquet)": ("shards", str(work / "shards")),
+            "shards (S3 endpoint)": ("shards", f"{bucket}/shards"),
+        }
+        rates: dict[tuple[str, str], list[float]] = {}
+        for r in range(repeats):
+            order = list(sources) if r % 2 == 0 else list(reversed(sources))
+            for name in order:
+                dataset, root = sources[name]
+                for workers in (0, 1):
+                    cfg = with_data(base, dataset, root, workers)
+                    key = (name, f"loader_workers={workers}")
+                    rates.setdefault(key, []).append(delivered(cfg, n_images))
+                cfg = with_data(base, dataset, root, 0)
+                rates.setdefault((name, "read + decode only"), []).append(
+                    source_only(cfg, n_images)
+                )
+                print(f"repeat {r} {name}: done", flush=True)
+        aug = augment_only(with_data(base, "shards", str(work / "shards"), 0), n_images)
+
+        # Step time with real data (local shards) vs pre-made tensors, alternating.
+        cfg = with_data(base, "shards", str(work / "shards"), base.data.loader_workers)
+        real, premade = [], []
+        trainer = build_trainer(cfg)
+        loader = train_loader(cfg)
+        batches = iter(loader)
+        fixed = next(batches)
+        timed_steps(trainer, repeat(fixed), 0, warmup=2)
+        for _ in range(repeats):
+            real.append(timed_steps(trainer, batches, steps, warmup=1)["step_s_median"])
+            premade.append(timed_steps(trainer, repeat(fixed), steps, warmup=0)["step_s_median"])
+        del batches, loader
+    finally:
+        s3.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    folder_key = ("folder (JPEG/PNG files)", "loader_workers=1")
+    rows = []
+    for (name, how), values in rates.items():
+        same_how = rates.get(("folder (JPEG/PNG files)", how))
+        ratio = median([a / b for a, b in zip(values, same_how, strict=True)]) if same_how else 1
+        rows.append([name, how, median(values), ratio])
+    rows.sort(key=lambda row: (row[1], row[0]))
+    step_rows = [
+        [
+            f"training step, real data (local shards, loader_workers={cfg.data.loader_workers})",
+            median(real) * 1000,
+        ],
+        ["training step, pre-made batch (no data path)", median(premade) * 1000],
+        ["ratio real / pre-made", median([a / b for a, b in zip(real, premade, strict=True)])],
+    ]
+    batch_images = cfg.optim.batch_size
+    needed = batch_images / median(premade)
+    best_shards = median(rates[("shards (local Parquet)", "loader_workers=1")])
+    sections = [
+        (
+            "Setup",
+            f"Images: {origin}; {len(records)} images; views {base.data.image_size}px; "
+            f"batch {base.optim.batch_size}; {n_images} images timed per measurement; "
+            f"{repeats} alternating repeats. Augmentation alone (train_pair_transform on "
+            f"decoded images): {aug:.0f} img/s. Model for the step: {base.model.encoder} + "
+            f"{base.model.vit} depth {base.model.vit_depth}.",
+        ),
+        (
+            "Training step: real data vs pre-made tensors",
+            table(["what", "median ms / ratio"], step_rows)
+            + f"\n\nThe step consumes {needed:.0f} img/s; local shards deliver "
+            f"{best_shards:.0f} img/s with 1 loader worker.",
+        ),
+    ]
+    write_results(
+        "data_path",
+        "Data path: images/s delivered to the training step",
+        args.out,
+        facts,
+        table(["source", "how", "img/s (median)", "x folder (same how)"], rows),
+        notes=NOTES + f"\nFolder reference row: {folder_key}.",
+        sections=sections,
+    )
+
+
+NOTES = """
+"x folder" is the median over repeats of the source's rate over the folder loader's
+rate in the same repeat and the same loader setting. Targets: shards >= 2x the
+folder loader; the data path not the bottleneck (real-data step ~= pre-made step).
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Evaluation throughput (img/s) and peak memory against the number of images evaluated.
+
+    .venv/bin/python benchmarks/eval_path.py [--quick]
+
+Runs san.engine.evaluate the way pipelines/loop.py does (StreamDataset + eval
+transform + DataLoader, a streaming confusion matrix) over growing numbers of
+synthetic validation images, twice each: confusion matrix only, and as rank 0 runs it
+(plus overlay images and the linear-probe pixel sample). Peak memory is the resident
+set size sampled every 2 ms during the call, minus the RSS just before it: it must
+not grow with the number of images.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import torch
+from common import config, machine, median, parse_args, table, write_results
+from torch.utils.data import DataLoader
+
+from pipelines.loop import PROBE_PIXELS_PER_IMAGE
+from san.config import from_dict
+from san.data import StreamDataset, create_dataset, eval_sample_transform
+from san.engine import evaluate, seed_everything
+from san.models import create_model
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+class PeakRSS:
+    """Samples this process's RSS in a thread; `.peak` is the highest seen inside the block."""
+
+    def __enter__(self):
+        self.start = rss()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss())
+
+
+def run(model, cfg, n_images: int, rank0_extras: bool) -> dict:
+    values = cfg.to_dict()
+    values["data"]["synthetic_val_size"] = n_images
+    cfg = from_dict(values)
+    source = create_dataset(cfg.data, cfg.data.val_split)
+    stream = StreamDataset(source, eval_sample_transform(cfg.data), loop=False, shuffle=False)
+    loader = DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
+    start = time.perf_counter()
+    with PeakRSS() as memory:
+        result = evaluate(
+            model,
+            loader,
+            source.n_classes,
+            torch.device("cpu"),
+            n_viz=cfg.run.n_viz_images if rank0_extras else 0,
+            probe_pixels_per_image=PROBE_PIXELS_PER_IMAGE if rank0_extras else 0,
+        )
+    elapsed = time.perf_counter() - start
+    assert result.n_images == n_images
+    kept = sum(t.numel() * t.element_size() for t in result.probe_features + result.viz_images)
+    return {
+        "img_s": n_images / elapsed,
+        "peak_mib": (memory.peak - memory.start) / 2**20,
+        "kept_mib": kept / 2**20,
+        "probe_images": len(result.probe_features),
+    }
+
+
+def forward_only(model, cfg, n: int) -> float:
+    """img/s of the model's eval forward alone on a pre-made batch (the compute ceiling)."""
+    images = torch.randn(cfg.optim.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
+    times = []
+    with torch.no_grad():
+        for _ in range(max(2, n // cfg.optim.batch_size)):
+            start = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - start)
+    return cfg.optim.batch_size / median(times)
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    sizes = [8, 32] if args.quick else [64, 256, 1024]
+    facts = machine()
+    cfg = config(args.quick)
+    seed_everything(0)
+    model = create_model(cfg)
+    model.train()
+    with torch.no_grad():  # one training forward sets the running centres used at eval
+        model(torch.randn(4, 3, cfg.data.image_size, cfg.data.image_size))
+    model.eval()
+    run(model, cfg, sizes[0], True)  # warm-up: allocator, thread pools, first-call costs
+    rows = []
+    for n in sizes:
+        for extras in (False, True):
+            res = run(model, cfg, n, extras)
+            rows.append(
+                [
+                    n,
+                    "confusion + viz + probe (rank 0)" if extras else "confusion matrix only",
+                    res["img_s"],
+                    res["peak_mib"],
+                    res["kept_mib"],
+                    res["probe_images"],
+                ]
+            )
+            print(rows[-1], flush=True)
+    ceiling = forward_only(model, cfg, 64)
+    header = [
+        "images",
+        "what is kept",
+        "img/s (end to end)",
+        "peak RSS growth MiB",
+        "kept tensors MiB",
+        "probe images",
+    ]
+    setup = (
+        f"Model {cfg.model.encoder} + {cfg.model.vit} depth {cfg.model.vit_depth}, "
+        f"{cfg.data.image_size}px, eval batch {cfg.optim.batch_size}, synthetic val images "
+        f"generated on the fly (generation is part of the end-to-end rate), loader_workers 0 "
+        f"as in run_evaluation. Forward alone on a pre-made batch: {ceiling:.0f} img/s."
+    )
+    write_results(
+        "eval_path",
+        "Evaluation path: throughput and peak memory vs number of images",
+        args.out,
+        facts,
+        table(header, rows),
+        notes=NOTES,
+        sections=[("Setup", setup)],
+    )
+
+
+NOTES = """
+Peak RSS growth is measured in this process around each evaluate() call (sampled
+every 2 ms), relative to the RSS just before it; it includes the DataLoader and
+the batch being processed, which do not depend on the number of images. The
+linear-probe sample is capped at san.engine.PROBE_MAX_IMAGES images (1024 by
+default, 64 pixels each), so evaluation memory is bounded on any dataset size.
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Steps/s with 1 and 2 Ray Train workers on this machine, and a multi-node scaling model.
+
+    .venv/bin/python benchmarks/scaling.py [--quick] [--repeats N] [--steps N]
+
+Each worker reserves 1 CPU (this machine has 2) and keeps its own batch (weak
+scaling: 2 workers process twice the images per step). Runs alternate 1, 2, 2, 1, ...
+The measured per-step compute, the gradient bytes DDP all-reduces per step and the
+measured all-reduce time feed a written model of multi-node scaling, printed and
+saved with the table in benchmarks/results/scaling.md.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from common import (
+    build_trainer,
+    config,
+    gradient_bytes,
+    init_ray,
+    machine,
+    median,
+    parse_args,
+    ray_fit,
+    table,
+    write_results,
+)
+
+from san.config import from_dict
+
+# Effective all-reduce bus bandwidth (bytes/s) and per-message latency of common links.
+LINKS = {
+    "NVLink (one node)": (150e9, 5e-6),
+    "100 Gb/s Ethernet/IB": (10e9, 20e-6),
+    "25 Gb/s Ethernet": (2.5e9, 50e-6),
+}
+BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
+
+
+def with_workers(cfg, n: int):
+    values = cfg.to_dict()
+    values["run"].update(num_workers=n, cpus_per_worker=1)
+    return from_dict(values)
+
+
+def allreduce_model(grad_bytes: int, n: int, bandwidth: float, latency: float) -> float:
+    """Ring all-reduce seconds: 2(N-1)/N of the bytes over the link, 2(N-1) hops per bucket."""
+    if n == 1:
+        return 0.0
+    buckets = max(1, math.ceil(grad_bytes / BUCKET_BYTES))
+    return 2 * (n - 1) / n * grad_bytes / bandwidth + 2 * (n - 1) * latency * buckets
+
+
+def training_flops(cfg) -> float:
+    """FLOPs of one training forward + backward (both views), counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainer = build_trainer(cfg)
+    n, size = cfg.optim.batch_size, cfg.data.image_size
+    box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * n)
+    flip = torch.zeros(n, dtype=torch.bool)
+    views = torch.randn(n, 3, size, size)
+    batch = {"view1": views, "view2": views, "box1": box, "box2": box, "flip1": flip,
+             "flip2": flip}  # fmt: skip
+    with FlopCounterMode(display=False) as counter:
+        trainer.step(batch)
+    return float(counter.get_total_flops())
+
+
+def main() -> None:
+    args = parse_args(
+        __doc__.splitlines()[0],
+        lambda p: (
+            p.add_argument("--repeats", type=int, default=None),
+            p.add_argument("--steps", type=int, default=None),
+        ),
+    )
+    repeats = args.repeats or (1 if args.quick else 2)
+    steps = args.steps or (3 if args.quick else 15)
+    warmup = 2 if args.quick else 3
+    facts = machine()
+    base = config(args.quick)
+    init_ray(num_cpus=2)
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            for n in (1, 2) if r % 2 == 0 else (2, 1):
+                res = ray_fit(with_workers(base, n), steps, warmup, Path(tmp), f"scale-{r}-{n}")
+                runs[n].append(res)
+                print(f"repeat {r}, {n} worker(s): {res['steps_per_s']:.3f} steps/s", flush=True)
+    grad_bytes = gradient_bytes(build_trainer(base).model)
+    flops = training_flops(base)
+    batch = base.optim.batch_size
+    one = median([r["steps_per_s"] for r in runs[1]])
+    rows = []
+    for n, results in runs.items():
+        sps = median([r["steps_per_s"] for r in results])
+        rows.append(
+            [
+                n,
+                "1 each",
+                sps,
+                median([r["step_s_median"] for r in results]) * 1000,
+                sps * batch * n,
+                sps * n / one,
+                sps / one,
+            ]
+        )
+    header = [
+        "workers",
+        "CPUs",
+        "steps/s",
+        "median step ms",
+        "img/s (global)",
+        "img/s vs 1 worker",
+        "steps/s vs 1 worker",
+    ]
+    measured_ar = median([r.get("allreduce_s", float("nan")) for r in runs[2]])
+    t_compute = median([r["step_s_median"] for r in runs[1]])
+    write_results(
+        "scaling",
+        "Scaling: 1 vs 2 Ray Train workers, and a multi-node model",
+        args.out,
+        facts,
+        table(header, rows),
+        notes=NOTES,
+        sections=[
+            (
+                "Setup",
+                f"Model {base.model.encoder} + {base.model.vit} depth {base.model.vit_depth}, "
+                f"{base.data.image_size}px, batch {batch} per worker (weak scaling), data "
+                f"{base.data.dataset}, loader_workers {base.data.loader_workers}, DDP over gloo; "
+                f"{repeats} alternating repeats of {warmup} warm-up + {steps} timed steps.",
+            ),
+            ("Scaling model", scaling_model(grad_bytes, flops, batch, t_compute, measured_ar)),
+        ],
+    )
+
+
+def scaling_model(
+    grad_bytes: int, flops: float, batch: int, t_compute: float, measured_ar: float
+) -> str:
+    """The written model: step time = compute + (non-overlapped) all-reduce, per link and N."""
+    gpu_rate = 0.35 * 989e12  # H100 dense bf16 at 35% MFU: a planning number, not measured
+    t_gpu = flops / gpu_rate
+    lines = [
+        f"Measured here: training FLOPs per step {flops / 1e9:.1f} GFLOP "
+        f"({flops / batch / 1e9:.2f} GFLOP per source image, both views, fwd + bwd); "
+        f"gradient bytes all-reduced per step B = {grad_bytes / 2**20:.1f} MiB (fp32, "
+        f"{grad_bytes // 4 / 1e6:.2f} M parameters); 1-worker step time on this CPU "
+        f"T_c = {t_compute * 1000:.0f} ms; one all-reduce of B between the 2 local gloo "
+        f"workers: {measured_ar * 1000:.1f} ms.",
+        "",
+        "Model (ring all-reduce, DDP buckets of 25 MiB, weak scaling):",
+        "T_step(N) = T_c + (1 - o) * T_ar(N),  T_ar(N) = 2 (N-1)/N * B / BW + 2 (N-1) * "
+        "lat * n_buckets,  efficiency E(N) = T_c / T_step(N)",
+        "with o the fraction of the all-reduce hidden behind backward (DDP overlaps "
+        "bucket all-reduce with the rest of backward; o ~ 0.5-0.8 in practice; o = 0 "
+        "below, the pessimistic bound).",
+        "",
+        f"On GPUs the compute shrinks and the bytes do not: at 35% MFU of an H100 "
+        f"(989 dense bf16 TFLOP/s, a planning figure, not measured here) T_c = "
+        f"{t_gpu * 1000:.2f} ms per step of batch {batch}.",
+        "",
+    ]
+    header = ["link", "N", "T_ar ms", "E (CPU T_c)", "E (GPU T_c, batch as here)",
+              "GPU batch for E >= 0.9"]  # fmt: skip
+    rows = []
+    for link, (bandwidth, latency) in LINKS.items():
+        for n in (2, 8, 64):
+            t_ar = allreduce_model(grad_bytes, n, bandwidth, latency)
+            # Per-GPU batch at which compute alone hides 90% of the step: T_c' >= 9 T_ar.
+            needed = math.ceil(batch * 9 * t_ar / t_gpu) if t_ar else batch
+            rows.append([link, n, t_ar * 1000, t_compute / (t_compute + t_ar),
+                         t_gpu / (t_gpu + t_ar), needed])  # fmt: skip
+    lines.append(table(header, rows))
+    lines += [
+        "",
+        "Reading: the model is small (few M parameters) but so is its compute per image, "
+        "so on GPUs across nodes the all-reduce dominates at this batch; scaling stays "
+        "efficient only with large per-GPU batches (last column), gradient compression "
+        "(a bf16 DDP comm hook halves B), or fewer, faster links (stay within NVLink). "
+        "On CPUs compute dominates and scaling is near linear on any network.",
+    ]
+    return "\n".join(lines)
+
+
+NOTES = """
+This machine has 2 cores shared with other jobs: 2 workers x 1 CPU each compete
+with the data loader processes and the background load, so the measured 2-worker
+efficiency is a lower bound for real multi-node runs where each worker has its own
+cores. The scaling model above uses the measured FLOPs and gradient bytes; link
+bandwidths are typical effective all-reduce bus bandwidths, not measured.
+"""
+
+
+if __name__ == "__main__":
+    main()

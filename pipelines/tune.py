@@ -1,0 +1,489 @@
+"""Sweep SAN hyperparameters with Ray Tune; one MLflow parent run, one child run per trial.
+
+    python pipelines/tune.py --space tune_spaces/quick.yaml [--config FILE] [k=v ...]
+        [--num-samples N] [--resume] [--num-cpus N]
+    ray job submit --working-dir . -- python pipelines/tune.py --space tune_spaces/san_paper.yaml
+
+Each trial runs the same `TorchTrainer` as `pipelines/train.py` (built by `build_trainer`)
+inside a Tune function trainable; `TuneReportCallback` forwards every evaluation report
+(Hungarian mIoU on the validation split) to Tune so ASHA can stop weak trials early.
+The sweep lives under <run.storage>/<space>-<run.name> (local or s3://); `--resume`
+continues it there, keeping finished trials. The last stdout line is one JSON object:
+{"parent_run_id", "best_config", "metric", "best_metric", "checkpoint", ...}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
+
+from pipelines.common import (  # noqa: E402
+    CONFIG_DIR,
+    ROOT,
+    UserError,
+    check_services,
+    init_ray,
+    print_result,
+    resolve_storage,
+    run_main,
+)
+from pipelines.spaces import (  # noqa: E402
+    Space,
+    apply_values,
+    check_against_config,
+    load_space,
+    trial_overrides,
+)
+from san.config import Config, apply_overrides, from_dict, load_config  # noqa: E402
+
+log = logging.getLogger("san")
+
+STOP_COMPLETED = "completed"
+STOP_EARLY = "early_stopped_asha"
+STOP_ERROR = "error"
+STOP_UNFINISHED = "unfinished"
+
+
+def sweep_config(space: Space, config_path: str | None, overrides: list[str]) -> Config:
+    """Base config of every trial: config file, then the space's fixed config, then CLI."""
+    path = config_path or (str(ROOT / space.base_config) if space.base_config else None)
+    base = load_config(path or CONFIG_DIR / "default.yaml")
+    values = apply_values(base.to_dict(), space.config)
+    check_against_config(space, values)  # the space's own entries, one line on failure
+    return from_dict(apply_overrides(values, overrides))
+
+
+def sweep_name(space: Space, cfg: Config) -> str:
+    # Deterministic (no timestamp) so `--resume` finds the same Tune experiment and MLflow run.
+    return f"{space.name}-{cfg.run.name}"
+
+
+def trial_config(base: dict, space: Space, sampled: dict, name: str, trial_id: str) -> Config:
+    values = apply_values(base, trial_overrides(space, sampled))
+    values["run"]["name"] = f"{name}-{trial_id}"
+    return from_dict(values)
+
+
+def trial_storage(storage: str, name: str) -> str:
+    from san.storage import join
+
+    return join(storage, name, "train")
+
+
+def run_trial(sampled: dict, sweep: dict) -> None:
+    """One Tune trial: a Ray Train run of pipelines/loop.py, nested under the sweep's run."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines import tracking
+    from pipelines.train import build_trainer
+
+    space: Space = sweep["space"]
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg = trial_config(sweep["base"], space, sampled, sweep["name"], trial_id)
+    storage = trial_storage(sweep["storage"], sweep["name"])
+    run_id, resumed = tracking.start_run(cfg, storage, parent_run_id=sweep["parent_run_id"])
+    mlflow_client = tracking.client()
+    mlflow_client.set_tag(run_id, "san.trial_id", trial_id)
+    mlflow_client.set_tag(run_id, "san.sweep", sweep["name"])
+    for key, value in sampled.items():  # group labels are not config params
+        if "." not in key:
+            mlflow_client.set_tag(run_id, f"san.group.{key}", str(value))
+    trainer = build_trainer(cfg, storage, run_id, callbacks=[TuneReportCallback()])
+    try:
+        trainer.fit()
+    except BaseException:
+        tracking.end_run(run_id, "FAILED")
+        raise
+    mlflow_client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
+    tracking.end_run(run_id, "FINISHED")
+
+
+class RecordingASHA(ASHAScheduler):
+    """ASHA that records its stop decisions on the trial's MLflow run as they happen.
+
+    A stopped trial's actor is killed, so nothing inside it can close its run; and a trial
+    cut short by an interrupted sweep looks the same to Tune, so this tag is also how the
+    summary (and a resumed sweep) tells an early stop from an interruption.
+    """
+
+    def __init__(self, sweep: dict, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.sweep = sweep
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP:
+            self._record_stop(trial, result)
+        return decision
+
+    def _record_stop(self, trial, result: dict) -> None:
+        from pipelines import tracking
+
+        space = self.sweep["space"]
+        sampled = {p.key: trial.config.get(p.key) for p in space.params}
+        cfg = trial_config(self.sweep["base"], space, sampled, self.sweep["name"], trial.trial_id)
+        if result.get("step", 0) >= cfg.optim.max_steps:
+            return  # ASHA also says STOP at max_t: that trial simply finished
+        try:
+            run_id = tracking.find_run(
+                cfg, trial_storage(self.sweep["storage"], self.sweep["name"])
+            )
+            if run_id:
+                mlflow_client = tracking.client()
+                mlflow_client.set_tag(run_id, "stop_reason", STOP_EARLY)
+                mlflow_client.set_tag(run_id, "san.stopped_at_step", str(result.get("step")))
+                tracking.end_run(run_id, "KILLED")
+        except Exception as exc:  # tracking must never break the sweep
+            log.warning("could not record the ASHA stop of trial %s: %s", trial.trial_id, exc)
+
+
+def tune_param_space(space: Space) -> dict[str, Any]:
+    from ray import tune
+
+    out: dict[str, Any] = {}
+    for p in space.params:
+        if p.kind == "choice":
+            out[p.key] = tune.choice(p.values)
+        elif p.kind == "grid":
+            out[p.key] = tune.grid_search(p.values)
+        elif p.kind == "uniform":
+            out[p.key] = tune.uniform(p.low, p.high)
+        elif p.kind == "loguniform":
+            out[p.key] = tune.loguniform(p.low, p.high)
+        else:  # randint: the file's bounds are inclusive, Tune's upper bound is not
+            out[p.key] = tune.randint(int(p.low), int(p.high) + 1)
+    return out
+
+
+def build_tuner(space: Space, cfg: Config, storage: str, sweep: dict, num_samples: int):
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    from san.storage import pyarrow_filesystem
+
+    n_reports = math.ceil(cfg.optim.max_steps / cfg.run.checkpoint_every)
+    if space.scheduler == "asha":
+        scheduler = RecordingASHA(
+            sweep,
+            time_attr="training_iteration",
+            max_t=max(n_reports, space.grace_period),
+            grace_period=space.grace_period,
+            reduction_factor=space.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    if space.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=space.seed)
+    else:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # Tune ignores max_concurrent_trials for a generator instance: give it here.
+        search_alg = BasicVariantGenerator(
+            max_concurrent=space.max_concurrent, random_state=space.seed
+        )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep), {"cpu": space.trial_cpus}
+    )
+    filesystem, path = pyarrow_filesystem(storage)
+    return tune.Tuner(
+        trainable,
+        param_space=tune_param_space(space),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=space.max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep["name"], storage_path=path, storage_filesystem=filesystem
+        ),
+    ), trainable
+
+
+def experiment_location(storage: str, name: str) -> tuple[Any, str]:
+    from san.storage import join, pyarrow_filesystem
+
+    return pyarrow_filesystem(join(storage, name))
+
+
+def summarize(results, space: Space, sweep: dict, storage: str) -> list[dict[str, Any]]:
+    """One row per trial: its sampled values, final metric, steps run, stop reason, run ids."""
+    from pipelines import tracking
+    from san.storage import join
+
+    mlflow_client = tracking.client()
+    rows = []
+    # Trial status (finished, errored, or cut off by an interrupt) is only on the Trial objects.
+    for trial in results._experiment_analysis.trials:
+        metrics = trial.last_result or {}
+        sampled = {p.key: trial.config.get(p.key) for p in space.params}
+        cfg = trial_config(sweep["base"], space, sampled, sweep["name"], trial.trial_id)
+        steps = int(metrics.get("step", 0) or 0)
+        runs = trial_storage(storage, sweep["name"])
+        child = tracking.find_run(cfg, runs) or ""
+        tags = mlflow_client.get_run(child).data.tags if child else {}
+        if trial.status == "ERROR":
+            reason = STOP_ERROR
+        elif trial.status == "TERMINATED" and steps >= cfg.optim.max_steps:
+            reason = STOP_COMPLETED
+        elif trial.status == "TERMINATED" and tags.get("stop_reason") == STOP_EARLY:
+            reason = STOP_EARLY
+        else:  # still pending or running, or cut short by an interrupt
+            reason = STOP_UNFINISHED
+        checkpoint = metrics.get("checkpoint_path")
+        uri = join(runs, cfg.run.name, os.path.basename(checkpoint)) if checkpoint else ""
+        rows.append(
+            {
+                "trial_id": trial.trial_id,
+                "child_run_id": child,
+                "stop_reason": reason,
+                "steps": steps,
+                "max_steps": cfg.optim.max_steps,
+                "reports": int(metrics.get("training_iteration", 0) or 0),
+                **sampled,
+                space.metric: metrics.get(space.metric, float("nan")),
+                "checkpoint_uri": uri,
+            }
+        )
+    return rows
+
+
+def finalize_children(rows: list[dict[str, Any]]) -> None:
+    """Record each child's stop reason and checkpoint; close runs a stopped trial left open."""
+    from pipelines import tracking
+
+    mlflow_client = tracking.client()
+    status = {STOP_COMPLETED: "FINISHED", STOP_EARLY: "KILLED", STOP_ERROR: "FAILED"}
+    for row in rows:
+        if not row["child_run_id"] or row["stop_reason"] == STOP_UNFINISHED:
+            continue
+        mlflow_client.set_tag(row["child_run_id"], "stop_reason", row["stop_reason"])
+        if row["checkpoint_uri"]:
+            mlflow_client.set_tag(row["child_run_id"], "checkpoint_uri", row["checkpoint_uri"])
+        mlflow_client.set_tag(row["child_run_id"], "san.steps_run", str(row["steps"]))
+        # Close only what is still open, so a resumed sweep leaves kept trials' runs untouched.
+        if mlflow_client.get_run(row["child_run_id"]).info.status == "RUNNING":
+            tracking.end_run(row["child_run_id"], status[row["stop_reason"]])
+
+
+def results_csv(rows: list[dict[str, Any]]) -> bytes:
+    buffer = io.StringIO()
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def metric_plot(rows: list[dict[str, Any]], space: Space) -> bytes:
+    """Final metric against each searched parameter; early-stopped trials drawn hollow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(space.params)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False)
+    for ax, param in zip(axes[0], space.params, strict=True):
+        categorical = param.kind in ("choice", "grid")
+        labels = [str(v) for v in param.values] if categorical else []
+        for row in rows:
+            value = row.get(param.key)
+            y = row.get(space.metric)
+            if value is None or y is None or (isinstance(y, float) and math.isnan(y)):
+                continue
+            x = labels.index(str(value)) if categorical and str(value) in labels else value
+            full = row["stop_reason"] == STOP_COMPLETED
+            ax.scatter([x], [y], s=40, c="C0" if full else "none", edgecolors="C0")
+        if categorical:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
+        if param.kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(param.key)
+        ax.set_ylabel(space.metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle("filled: ran to the end; hollow: stopped early", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def best_row(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:
+    scored = [
+        r
+        for r in rows
+        if isinstance(r.get(space.metric), int | float) and not math.isnan(r[space.metric])
+    ]
+    if not scored:
+        return None
+    pick = max if space.mode == "max" else min
+    return pick(scored, key=lambda r: r[space.metric])
+
+
+def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpus: int | None):
+    """Create or resume the sweep, run it, record it in MLflow; return the result summary."""
+    from pyarrow import fs as pafs
+    from ray import tune
+
+    from pipelines import tracking
+
+    started = time.perf_counter()
+    storage = resolve_storage(cfg.run.storage)
+    name = sweep_name(space, cfg)
+    check_services(cfg)
+    filesystem, exp_path = experiment_location(storage, name)
+    exists = filesystem.get_file_info(exp_path).type != pafs.FileType.NotFound
+    if exists and not resume:
+        raise UserError(
+            f"sweep {name!r} already exists under {storage}; pass --resume to continue it "
+            "or set run.name=... for a new sweep"
+        )
+    if resume and not exists:
+        raise UserError(f"no sweep {name!r} under {storage} to resume")
+    init_ray(num_cpus)
+    parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
+    parent_run_id, reopened = tracking.start_run(parent_cfg, storage)
+    mlflow_client = tracking.client()
+    if not reopened:
+        summary = {**space.summary(), "sweep.num_samples": str(num_samples)}
+        items = [tracking.mlflow.entities.Param(k, v) for k, v in summary.items()]
+        for i in range(0, len(items), 90):
+            mlflow_client.log_batch(parent_run_id, params=items[i : i + 90])
+        mlflow_client.set_tag(parent_run_id, "san.kind", "sweep")
+        tracking.log_json(
+            parent_run_id, {p.key: p.describe() for p in space.params}, "search_space.json"
+        )
+    log.info(
+        "%s sweep %s (MLflow run %s)", "resuming" if resume else "starting", name, parent_run_id
+    )
+    sweep = {
+        "space": space,
+        "base": cfg.to_dict(),
+        "name": name,
+        "storage": storage,
+        "parent_run_id": parent_run_id,
+    }
+    tuner, trainable = build_tuner(space, cfg, storage, sweep, num_samples)
+    if resume:
+        tuner = tune.Tuner.restore(
+            exp_path, trainable, resume_errored=True, storage_filesystem=filesystem
+        )
+    try:
+        results = tuner.fit()
+    except BaseException:
+        tracking.end_run(parent_run_id, "FAILED")
+        raise
+    rows = summarize(results, space, sweep, storage)
+    finalize_children(rows)
+    unfinished = [r for r in rows if r["stop_reason"] == STOP_UNFINISHED]
+    if unfinished or len(rows) < num_samples_total(space, num_samples):
+        tracking.end_run(parent_run_id, "KILLED")
+        raise UserError(
+            f"sweep {name!r} was interrupted with {len(unfinished)} unfinished trials; "
+            "rerun with --resume to continue it"
+        )
+    steps_run = sum(r["steps"] for r in rows)
+    steps_full = sum(r["max_steps"] for r in rows)
+    best = best_row(rows, space)
+    wall = time.perf_counter() - started
+    metrics = {
+        "n_trials": len(rows),
+        "n_completed": sum(r["stop_reason"] == STOP_COMPLETED for r in rows),
+        "n_early_stopped": sum(r["stop_reason"] == STOP_EARLY for r in rows),
+        "n_errored": sum(r["stop_reason"] == STOP_ERROR for r in rows),
+        "trial_steps_run": steps_run,
+        "trial_steps_full": steps_full,
+        "compute_ratio": steps_run / max(steps_full, 1),
+        "wall_time_s": wall,
+    }
+    best_config = {p.key: best[p.key] for p in space.params} if best else {}
+    if best:
+        metrics[f"best_{space.metric}"] = best[space.metric]
+        mlflow_client.set_tag(parent_run_id, "best_trial_id", best["trial_id"])
+        mlflow_client.set_tag(parent_run_id, "best_child_run_id", best["child_run_id"])
+        mlflow_client.set_tag(parent_run_id, "best_checkpoint_uri", best["checkpoint_uri"])
+        mlflow_client.set_tag(parent_run_id, "best_config", json.dumps(best_config)[:4900])
+    for key, value in metrics.items():
+        mlflow_client.log_metric(parent_run_id, key, float(value))
+    from pipelines.tracking import _log_bytes
+
+    _log_bytes(mlflow_client, parent_run_id, results_csv(rows), "results/trials.csv")
+    _log_bytes(mlflow_client, parent_run_id, metric_plot(rows, space), "plots/metric_vs_params.png")
+    tracking.end_run(parent_run_id, "FINISHED" if best else "FAILED")
+    if best is None:
+        raise UserError(f"sweep {name!r} finished without any trial reporting {space.metric!r}")
+    log.info(
+        "best %s %.4f (trial %s); ran %d of %d trial-steps (%.0f%%) in %.0fs",
+        space.metric,
+        best[space.metric],
+        best["trial_id"],
+        steps_run,
+        steps_full,
+        100 * metrics["compute_ratio"],
+        wall,
+    )
+    return {
+        "parent_run_id": parent_run_id,
+        "sweep": name,
+        "best_trial_id": best["trial_id"],
+        "best_child_run_id": best["child_run_id"],
+        "best_config": best_config,
+        "metric": space.metric,
+        "best_metric": best[space.metric],
+        "checkpoint": best["checkpoint_uri"],
+        **{k: metrics[k] for k in ("n_trials", "n_early_stopped", "compute_ratio")},
+        "trial_steps_run": steps_run,
+        "trial_steps_full": steps_full,
+        "wall_time_s": round(wall, 1),
+    }
+
+
+def num_samples_total(space: Space, num_samples: int) -> int:
+    """How many trials a complete sweep has: grid points times samples."""
+    total = num_samples
+    for param in space.params:
+        if param.kind == "grid":
+            total *= len(param.values)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", required=True, help="search space, e.g. tune_spaces/quick.yaml")
+    parser.add_argument("--config", default=None, help="base config (default: the space's)")
+    parser.add_argument("--num-samples", type=int, default=None, help="override search.num_samples")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (no cluster)"
+    )
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. optim.lr=3e-4")
+    args = parser.parse_args()
+    space = load_space(args.space)
+    if args.num_samples is not None and args.num_samples < 1:
+        raise UserError(f"--num-samples={args.num_samples} must be >= 1")
+    cfg = sweep_config(space, args.config, args.overrides)
+    num_samples = args.num_samples or space.num_samples
+    print_result(run_sweep(space, cfg, num_samples, args.resume, args.num_cpus))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,121 @@
+"""Search-space files: parsing, validation (one line naming the entry), trial configs. No Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.spaces import SpaceError, load_space, trial_overrides
+from pipelines.tune import num_samples_total, sweep_config, trial_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "tune_spaces").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_spaces_load_and_validate(path: Path) -> None:
+    space = load_space(path)
+    cfg = sweep_config(space, None, [])
+    assert space.params and cfg.run.name
+
+
+def test_required_spaces_are_shipped() -> None:
+    assert {"quick", "san_paper", "ablation"} <= {p.stem for p in SHIPPED}
+    paper = load_space(ROOT / "tune_spaces" / "san_paper.yaml")
+    keys = {p.key for p in paper.params}
+    assert {"model.n_clusters", "model.tau", "loss.mi_lambda", "optim.lr"} <= keys
+    assert {"loss.w_mi", "loss.w_con", "loss.w_rec", "loss.w_orth"} <= keys
+
+
+def test_ablation_switches_each_loss_off_in_turn() -> None:
+    space = load_space(ROOT / "tune_spaces" / "ablation.yaml")
+    group = next(p for p in space.params if p.is_group)
+    offs = [trial_overrides(space, {group.key: label}) for label in group.values]
+    for term in ("w_mi", "w_con", "w_rec", "w_orth"):
+        assert {f"loss.{term}": 0} in offs
+    assert {} in offs  # the full objective is the reference
+    assert num_samples_total(space, space.num_samples) == len(group.values) * 2
+
+
+def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "base_config: pipelines/configs/tiny.yaml\n"
+        "config: {optim.max_steps: 4}\n"
+        "params:\n"
+        "  model.tau: {uniform: [0.05, 0.2]}\n"
+        "  variant: {grid: {a: {loss.w_rec: 0, model.n_clusters: 3}, b: {}}}\n",
+    )
+    space = load_space(path)
+    base = sweep_config(space, None, ["optim.lr=0.002"])
+    cfg = trial_config(base.to_dict(), space, {"model.tau": 0.07, "variant": "a"}, "s", "t1")
+    assert (cfg.model.tau, cfg.loss.w_rec, cfg.model.n_clusters) == (0.07, 0.0, 3)
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.run.name) == (4, 0.002, "s-t1")
+
+
+@pytest.mark.parametrize(
+    "text, entry",
+    [
+        ("params: {model.nope: {choice: [1, 2]}}", "params.model.nope"),
+        ("params: {model.tau: {normal: [0, 1]}}", "params.model.tau"),
+        ("params: {model.tau: {uniform: [0.5, 0.1]}}", "params.model.tau"),
+        ("params: {optim.lr: {loguniform: [0, 0.1]}}", "params.optim.lr"),
+        ("params: {model.n_clusters: {randint: [2.5, 8]}}", "params.model.n_clusters"),
+        ("params: {model.n_clusters: {choice: [1, 4]}}", "params.model.n_clusters"),
+        ("params: {model.tau: {choice: []}}", "params.model.tau"),
+        ("params: {model.tau: {choice: [0.1], grid: [0.2]}}", "params.model.tau"),
+        ("params: {ab: {grid: {no_mi: {loss.w_mi: -1}}}}", "params.ab.no_mi"),
+        ("params: {ab: {uniform: [0, 1]}}", "params.ab"),
+        ("params: {model.tau: {choice: [0.1]}}\nsearch: {algorithm: bayes}", "search.algorithm"),
+        ("params: {model.tau: {choice: [0.1]}}\nsearch: {num_samples: 0}", "search.num_samples"),
+        ("params: {model.tau: {choice: [0.1]}}\nscheduler: {name: hyperband}", "scheduler.name"),
+        ("params: {model.tau: {choice: [0.1]}}\nscheduler: {grace: 1}", "scheduler.grace"),
+        ("params: {model.tau: {choice: [0.1]}}\nmode: up", "mode"),
+        ("params: {model.tau: {choice: [0.1]}}\nconfig: {optim.lr: -1}", "config"),
+        ("params: {model.tau: {choice: [0.1]}}\nsearchh: {}", "searchh"),
+        ("params: {}", "params"),
+        (
+            "search: {algorithm: optuna}\nparams: {model.tau: {grid: [0.1, 0.2]}}",
+            "params.model.tau",
+        ),
+    ],
+)
+def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry: str) -> None:
+    space_path = write(tmp_path, "base_config: pipelines/configs/tiny.yaml\n" + text)
+    with pytest.raises(SpaceError) as info:
+        sweep_config(load_space(space_path), None, [])
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"entry {entry!r}" in message, message
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(SpaceError, match="does not exist"):
+        load_space(tmp_path / "nope.yaml")
+    with pytest.raises(SpaceError, match="not valid YAML"):
+        load_space(write(tmp_path, "params: [unclosed"))
+
+
+def test_cli_bad_space_fails_before_ray(tmp_path: Path) -> None:
+    """The CLI prints one `error:` line and exits 2 without starting Ray (no ray import)."""
+    import subprocess
+
+    path = write(tmp_path, "params: {model.tau: {loguniform: [-1, 1]}}\n")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "tune.py"), "--space", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "params.model.tau" in lines[0]

@@ -1,0 +1,186 @@
+"""End-to-end sweeps: pipelines/tune.py on a local Ray, tracked in a real MLflow server.
+
+Each sweep runs as a subprocess (its own local Ray, 4 logical CPUs: two concurrent trials,
+each a trial driver plus one training worker) so the last stdout line and exit code are
+checked exactly as a user sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TUNE = ROOT / "pipelines" / "tune.py"
+
+
+def sweep_env(mlflow_uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["MLFLOW_TRACKING_URI"] = mlflow_uri
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+def space_file(tmp_path: Path, name: str, edit) -> Path:
+    """quick.yaml, edited for one test."""
+    space = yaml.safe_load((ROOT / "tune_spaces" / "quick.yaml").read_text())
+    edit(space)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+def sweep_cmd(space: Path, storage: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(TUNE), "--space", str(space), "--num-cpus", "4", *extra]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Kill what this test started (the sweep's own process group), if still there."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def children(client, parent_id: str) -> list:
+    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiment_ids, f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+@pytest.mark.e2e
+def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -> None:
+    """4 trials, 2 concurrent, ASHA: half the trials face an 8-class scene with K=2 clusters
+    (mIoU <= 2/8) against a 2-class scene (mIoU >= 1/4 even when collapsed), so they lose
+    clearly at the first evaluation and ASHA must stop at least one."""
+    from mlflow.tracking import MlflowClient
+
+    def edit(space: dict) -> None:
+        space["params"].pop("model.n_clusters")
+        space["params"]["scene"] = {
+            "grid": {
+                "easy": {"data.synthetic_classes": 2, "model.n_clusters": 2},
+                "hard": {"data.synthetic_classes": 8, "model.n_clusters": 2},
+            }
+        }
+        space["search"]["num_samples"] = 2  # x 2 grid points = 4 trials
+
+    space = space_file(tmp_path, "asha", edit)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        sweep_cmd(space, tmp_path, f"run.storage={tmp_path / 'ray'}"),
+        env=sweep_env(mlflow_server.uri),
+        capture_output=True,
+        text=True,
+        timeout=900,
+        start_new_session=True,
+    )
+    wall = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"sweep wall time {wall:.0f}s; result {result}")
+
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.params["sweep.scheduler"] == "asha"
+    assert parent.data.params["sweep.algorithm"] == "random"
+    assert "space.model.tau" in parent.data.params and "space.scene" in parent.data.params
+    assert parent.data.metrics["n_trials"] == 4
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "results")}
+    artifacts |= {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"results/trials.csv", "plots/metric_vs_params.png"} <= artifacts
+
+    kids = children(client, parent.info.run_id)
+    assert len(kids) == 4
+    histories = {}
+    for kid in kids:
+        assert "model.tau" in kid.data.params and "optim.lr" in kid.data.params
+        histories[kid.info.run_id] = client.get_metric_history(kid.info.run_id, "miou")
+        assert histories[kid.info.run_id], f"child {kid.info.run_id} has no miou history"
+        assert kid.data.tags["stop_reason"] in ("completed", "early_stopped_asha")
+        assert kid.data.tags["checkpoint_uri"]
+    stopped = [k for k in kids if k.data.tags["stop_reason"] == "early_stopped_asha"]
+    assert stopped, "ASHA stopped no trial"
+    for kid in stopped:
+        assert kid.data.tags["san.group.scene"] == "hard"
+        assert len(histories[kid.info.run_id]) < 4  # fewer evaluations than a full run
+    assert result["n_early_stopped"] == len(stopped)
+    assert result["compute_ratio"] < 1.0
+    assert result["trial_steps_run"] < result["trial_steps_full"]
+
+    # The printed best is the best child in MLflow, with the same settings.
+    best_value = max(k.data.metrics["miou"] for k in kids)
+    best = client.get_run(result["best_child_run_id"])
+    assert best.data.metrics["miou"] == pytest.approx(best_value)
+    assert result["best_metric"] == pytest.approx(best_value)
+    assert float(best.data.params["model.tau"]) == pytest.approx(result["best_config"]["model.tau"])
+    assert float(best.data.params["optim.lr"]) == pytest.approx(result["best_config"]["optim.lr"])
+    assert best.data.tags["san.group.scene"] == result["best_config"]["scene"] == "easy"
+    assert result["checkpoint"] == best.data.tags["checkpoint_uri"]
+    assert Path(result["checkpoint"]).is_dir()
+
+
+@pytest.mark.e2e
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+    tmp_path: Path, mlflow_server
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    def edit(space: dict) -> None:
+        space["params"] = {"model.tau": {"choice": [0.1, 0.2]}}
+        space["search"] = {"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 0}
+        space["scheduler"] = {"name": "none"}
+
+    space = space_file(tmp_path, "resume", edit)
+    storage = tmp_path / "ray"
+    env = sweep_env(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.uri)
+    args = sweep_cmd(space, tmp_path, f"run.storage={storage}", "run.name=resume")
+    proc = subprocess.Popen(
+        args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        # Interrupt (Ctrl-C) as soon as the first trial has finished.
+        finished = []
+        deadline = time.monotonic() + 600
+        while not finished and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()],
+                "tags.`san.sweep` = 'resume-resume' and tags.stop_reason = 'completed'",
+            )
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+        assert finished, "no trial finished before the deadline"
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 2, stderr.decode()[-3000:]
+    assert "--resume" in stderr.decode().strip().splitlines()[-1]
+    done = finished[0]
+    before = client.get_metric_history(done.info.run_id, "miou")
+
+    # A plain rerun refuses to overwrite the sweep; --resume continues it.
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = subprocess.run(
+        [*args, "--resume"], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    result = json.loads(resumed.stdout.strip().splitlines()[-1])
+
+    kids = children(client, result["parent_run_id"])
+    assert len(kids) == 2
+    assert all(k.data.tags["stop_reason"] == "completed" for k in kids)
+    kept = client.get_run(done.info.run_id)
+    assert kept.info.end_time == done.info.end_time  # the finished trial was not run again
+    assert "san.resumed_at_step" not in kept.data.tags
+    after = client.get_metric_history(done.info.run_id, "miou")
+    assert [(m.step, m.timestamp) for m in after] == [(m.step, m.timestamp) for m in before]
+    assert result["n_trials"] == 2
