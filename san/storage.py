@@ -112,6 +112,36 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("file"), _local_path(url)
 
 
+class ForkSafeFilesystem:
+    """Holds the filesystem of `self.url`, made afresh after a fork or unpickling.
+
+    s3fs clients are not fork-safe, and datasets are forked into DataLoader workers and
+    pickled into Ray workers; each process must open its own client.
+    """
+
+    url: str
+    _fs: fsspec.AbstractFileSystem | None
+    _pid: int
+
+    def _open_filesystem(self, url: str) -> str:
+        """Open the filesystem of `url`; returns the path inside it."""
+        self.url = url
+        self._fs, path = filesystem(url)
+        self._pid = os.getpid()
+        return path
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self._pid != os.getpid():
+            self._open_filesystem(self.url)
+        return self._fs
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_fs"], state["_pid"] = None, -1  # rebuilt on first use after unpickling
+        return state
+
+
 def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and path for Ray's ``RunConfig(storage_path, storage_filesystem)``.
 

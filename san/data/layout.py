@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from san.data.base import DataError, IndexedSource, decode_image, encode_png, first_line
-from san.storage import filesystem
+from san.storage import ForkSafeFilesystem
 
 IGNORE = 255
 
@@ -108,7 +108,7 @@ def fingerprint(source: Any, dataset: str) -> dict:
     return {"n_items": len(items), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-class LayoutDataset(IndexedSource):
+class LayoutDataset(ForkSafeFilesystem, IndexedSource):
     """Base adapter: subclasses fill `ids`, `image_paths`, `label_paths` and `table`.
 
     Subclasses override `load_image` when images are not plain JPEG/PNG files (Potsdam's
@@ -122,26 +122,11 @@ class LayoutDataset(IndexedSource):
     LAYOUT = ""
 
     def __init__(self, root: str, split: str) -> None:
-        self.url = str(root).rstrip("/") or str(root)
         self.split = split
-        self._fs, self.root = filesystem(self.url)
-        self._pid = os.getpid()
+        self.root = self._open_filesystem(str(root).rstrip("/") or str(root))
         self.ids: list[str] = []
         self.image_paths: list[str] = []
         self.label_paths: list[str | None] = []
-
-    @property
-    def fs(self) -> fsspec.AbstractFileSystem:
-        """The filesystem, made afresh in a forked DataLoader worker (s3fs is not fork-safe)."""
-        if self._pid != os.getpid():
-            self._fs, _ = filesystem(self.url)
-            self._pid = os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_fs"], state["_pid"] = None, -1  # rebuilt on first use after unpickling
-        return state
 
     # -- listing helpers for subclasses
 

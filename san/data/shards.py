@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import Iterable, Iterator
 
@@ -29,7 +28,7 @@ from san.data.base import (
     epoch_rng,
     first_line,
 )
-from san.storage import filesystem
+from san.storage import ForkSafeFilesystem, filesystem
 
 __all__ = ["SCHEMA", "ShardDataset", "encode_png", "write_shards"]
 
@@ -135,17 +134,15 @@ def write_shards(
     return manifest
 
 
-class ShardDataset:
+class ShardDataset(ForkSafeFilesystem):
     """Reads `<url>/<split>/` (or `<url>` itself when it has a manifest) through its manifest."""
 
     # Called with the DataError of a bad row while streaming; None re-raises it.
     on_bad = None
 
     def __init__(self, url: str, split: str) -> None:
-        self.url = url.rstrip("/")
         self.split = split
-        self._fs, root = filesystem(self.url)
-        self._pid = os.getpid()
+        root = self._open_filesystem(url.rstrip("/"))
         direct = f"{root}/{MANIFEST}"
         nested = f"{root}/{split}/{MANIFEST}"
         try:
@@ -172,19 +169,6 @@ class ShardDataset:
         self._offsets = [0]
         for shard in self.shards:
             self._offsets.append(self._offsets[-1] + int(shard["rows"]))
-
-    @property
-    def fs(self) -> fsspec.AbstractFileSystem:
-        """The filesystem, made afresh in a forked DataLoader worker (s3fs is not fork-safe)."""
-        if self._pid != os.getpid():
-            self._fs, _ = filesystem(self.url)
-            self._pid = os.getpid()
-        return self._fs
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_fs"], state["_pid"] = None, -1  # rebuilt on first use after unpickling
-        return state
 
     def __len__(self) -> int:
         return self._offsets[-1]
