@@ -29,6 +29,14 @@ TEST_REGION = "us-east-1"
 _RAY_CLIENT_VARS = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
+def pipeline_env(**extra: str) -> dict[str, str]:
+    """This process's environment without service settings, plus `extra`: a pipeline run
+    from a test reaches exactly the services the test names."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -28,18 +28,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from services import MlflowServer, S3Server
+from services import MlflowServer, S3Server, pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.e2e
-
-
-def pipeline_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def start_train(args: list[str], env: dict[str, str], logs: Path) -> subprocess.Popen:

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from services import pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "configs" / "tiny.yaml"
 
 pytestmark = pytest.mark.e2e
-
-
-def pipeline_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
-    env.update(PYTHONUNBUFFERED="1", **extra)
-    return env
 
 
 def run_pipeline(script: str, args: list[str], env: dict[str, str], timeout: float = 400):
