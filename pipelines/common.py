@@ -45,8 +45,10 @@ FORWARDED_ENV = (
 
 
 # Of those, the secrets. Ray writes a job's runtime env, values included, into its logs
-# (runtime_env_agent.log), so a local Ray gets them by inheritance instead: its processes
-# are started by this driver and inherit its environment.
+# (runtime_env_agent.log) and the dashboard, so secrets never travel in one. Workers get them
+# by inheritance instead: a local Ray's processes are started by this driver and inherit its
+# environment; on a cluster every Ray process inherits the environment `ray start` ran in
+# (deploy/cluster.yaml's services.env, KubeRay's san-services Secret).
 SECRET_ENV = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
@@ -115,7 +117,7 @@ def resolve_storage(url: str) -> str:
 
 
 def worker_env() -> dict[str, str]:
-    """Environment for Ray workers: service endpoints and credentials, by name."""
+    """Service endpoints and credentials (by name) this process would hand to Ray workers."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     env["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
@@ -128,7 +130,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    runtime_env = {"env_vars": worker_env()}
+    env_vars = {k: v for k, v in worker_env().items() if k not in SECRET_ENV}
+    runtime_env = {"env_vars": env_vars}
     address = os.environ.get("RAY_ADDRESS")
     if address:
         # Under `ray job submit` the job's runtime env (working_dir, env_vars) is merged with
@@ -145,9 +148,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dashboard_port = probe.getsockname()[1]
-    runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    env_vars = runtime_env["env_vars"]
-    runtime_env["env_vars"] = {k: v for k, v in env_vars.items() if k not in SECRET_ENV}
+    env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_port=dashboard_port)
 
 

@@ -29,7 +29,7 @@ from san.data import (
     train_pair_transform,
 )
 from san.data.transforms import denormalize
-from san.engine import Trainer, evaluate, seed_everything
+from san.engine import Trainer, apply_memory_format, evaluate, seed_everything
 from san.metrics import linear_probe, random_assignment_scores, scalar_metrics, segmentation_scores
 from san.models import create_model
 from san.viz import confusion_plot, overlay_panel
@@ -94,6 +94,7 @@ def run_evaluation(
         max_images=max_images,
     )
     matrix = result.confusion.matrix
+    val_skipped = _sum_over_ranks(source.on_bad.count, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(matrix)
     if not is_main or int(matrix.sum()) == 0:
@@ -103,6 +104,7 @@ def run_evaluation(
     floor = random_assignment_scores(matrix, model.n_clusters, seed=cfg.run.seed)
     metrics["random_miou"] = floor["miou"]
     metrics["random_pixel_accuracy"] = floor["pixel_accuracy"]
+    metrics["val_bad_samples_skipped"] = val_skipped
     if len(result.probe_features) >= 2:
         half = len(result.probe_features) // 2
         feats, labels = result.probe_features, result.probe_labels
@@ -129,6 +131,15 @@ def run_evaluation(
             matrix.cpu().numpy(), source.class_names, scores["mapping"]
         )
     return evaluation
+
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    """A count summed over all training processes (every rank must call it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
 
 
 def capture_rng() -> dict:
@@ -194,8 +205,8 @@ def train_loop(loop_config: dict) -> None:
     if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0
-    core = model
-    model = ray.train.torch.prepare_model(model)
+    core = apply_memory_format(model, cfg.optim)  # before DDP sizes its gradient buckets
+    model = ray.train.torch.prepare_model(core)
     trainer = Trainer(model, cfg, device)
     if state:
         trainer.load_state_dict(state["trainer"])
@@ -229,9 +240,11 @@ def train_loop(loop_config: dict) -> None:
     try:
         batches = iter(loader)
         images_seen, window_start = 0, time.perf_counter()
+        bad_skipped: dict[int, int] = {}  # reader (loader worker) -> its running count
         step = start_step
         while step < cfg.optim.max_steps:
             batch = next(batches)
+            bad_skipped[int(batch["reader"][0])] = int(batch["bad_skipped"].max())
             losses = trainer.step(batch)
             step += 1
             images_seen += batch["view1"].shape[0] * world_size
@@ -240,6 +253,7 @@ def train_loop(loop_config: dict) -> None:
                 throughput = images_seen / max(elapsed, 1e-9)
                 losses["img_per_s"] = throughput
                 losses["lr"] = trainer.scheduler.get_last_lr()[0]
+                losses["bad_samples_skipped"] = _sum_over_ranks(sum(bad_skipped.values()), device)
                 if rank == 0:
                     terms = " ".join(
                         f"{k[5:]} {v:.4f}" for k, v in losses.items() if k[:5] == "loss_"

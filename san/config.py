@@ -271,9 +271,10 @@ def validate(cfg: Config) -> Config:
         )
     if cfg.model.name == "iic" and cfg.loss.w_mi == 0:
         raise ConfigError("loss.w_mi=0 leaves model.name='iic' nothing to learn; set loss.w_mi > 0")
-    if cfg.model.name == "kmeans" and cfg.loss.w_rec == 0:
+    if cfg.model.name == "kmeans" and cfg.loss.w_mi == 0 and cfg.loss.w_rec == 0:
         raise ConfigError(
-            "loss.w_rec=0 leaves model.name='kmeans' nothing to learn; set loss.w_rec > 0"
+            "loss.w_mi=0 and loss.w_rec=0 leave model.name='kmeans' nothing to learn; "
+            "set one of them > 0"
         )
     if cfg.model.name == "san" and not any(
         (cfg.loss.w_mi, cfg.loss.w_con, cfg.loss.w_rec, cfg.loss.w_orth)

@@ -5,6 +5,7 @@ Every fixture stops what it started at teardown; nothing is left running after t
 
 from __future__ import annotations
 
+import secrets
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,8 +55,18 @@ def mlflow_server(
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[RayHead]:
-    """A token-authenticated single-node Ray head (2 CPUs) with dashboard and job API."""
-    head = RayHead(num_cpus=2)
+    """A token-authenticated single-node Ray head (2 CPUs) with dashboard and job API.
+
+    Its `ray start` environment holds S3 credentials unique to it (`cluster_env`), as a real
+    cluster's does: jobs must get them by inheritance, and tests can search for the values.
+    """
+    head = RayHead(
+        num_cpus=2,
+        cluster_env={
+            "AWS_ACCESS_KEY_ID": "AKIA" + secrets.token_hex(8).upper(),
+            "AWS_SECRET_ACCESS_KEY": "sk-" + secrets.token_hex(16),
+        },
+    )
     head.start()
     try:
         yield head

@@ -257,10 +257,13 @@ class RayHead:
     at a temp dir, so the user's ~/.ray/auth_token is never read or written.
     """
 
-    def __init__(self, num_cpus: int = 2) -> None:
+    def __init__(self, num_cpus: int = 2, cluster_env: dict[str, str] | None = None) -> None:
         # Short path: Ray's unix sockets live under it and must stay under ~107 chars.
         self.root = Path(tempfile.mkdtemp(prefix="sanray-", dir="/tmp"))
         self.num_cpus = num_cpus
+        # What a real cluster's `ray start` environment holds (deploy/cluster.yaml's
+        # services.env, KubeRay's Secret): every job and worker inherits it.
+        self.cluster_env = dict(cluster_env or {})
         self.port = free_port()
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -302,6 +305,7 @@ class RayHead:
             raise RuntimeError(f"ray get-auth-token --generate failed: {gen.stderr[-2000:]}")
         env = {
             **self.base_env(),
+            **self.cluster_env,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
         }

@@ -64,8 +64,9 @@ def test_missing_and_malformed_files(tmp_path):
 def test_baselines_need_their_loss_term():
     with pytest.raises(ConfigError, match="loss.w_mi=0 leaves model.name='iic'"):
         load_config(None, ["model.name=iic", "loss.w_mi=0"])
-    with pytest.raises(ConfigError, match="loss.w_rec=0 leaves model.name='kmeans'"):
-        load_config(None, ["model.name=kmeans", "loss.w_rec=0"])
+    with pytest.raises(ConfigError, match="loss.w_mi=0 and loss.w_rec=0 leave model.name='kmeans'"):
+        load_config(None, ["model.name=kmeans", "loss.w_rec=0", "loss.w_mi=0"])
+    load_config(None, ["model.name=kmeans", "loss.w_rec=0"])  # L_mi alone still trains it
 
 
 def test_flat_round_trip():

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from deploy.runtime_env import runtime_env
+from pipelines.common import SECRET_ENV
 from san import storage
 
 pytestmark = pytest.mark.e2e
@@ -113,10 +114,13 @@ def test_submit_without_token_is_refused(ray_head, tmp_path: Path) -> None:
     assert refused.value.code in (401, 403)
 
 
-def test_train_job_stop_then_resume_to_success(ray_head, mlflow_server, s3_env) -> None:
+def test_train_job_stop_then_resume_to_success(ray_head, mlflow_server, s3_env, tmp_path) -> None:
     """Submit, stop after the first checkpoint, load it; resubmit: resumes, SUCCEEDED, tracked."""
     bucket = s3_env.make_bucket("jobs")
-    services = {**s3_env.env, "MLFLOW_TRACKING_URI": mlflow_server.uri}
+    # Endpoints only: the S3 keys are the cluster's own (ray_head.cluster_env), inherited by
+    # the job, as on a real cluster; secrets never ride in a job's runtime env.
+    services = {k: v for k, v in s3_env.env.items() if k not in SECRET_ENV}
+    services["MLFLOW_TRACKING_URI"] = mlflow_server.uri
     name = "job-e2e"
     run_dir = f"{bucket}/ray/{name}"
     train = ["python", "pipelines/train.py", "--config", "pipelines/configs/tiny.yaml"]
@@ -172,12 +176,42 @@ def test_train_job_stop_then_resume_to_success(ray_head, mlflow_server, s3_env) 
     final_state, _ = storage.load_checkpoint(result["checkpoint"])
     assert final_state["step"] == final_steps
 
+    # 4. No secret (the cluster's S3 keys, the Ray token) in what the jobs left behind:
+    # MLflow params, tags and artifacts, the stored run, job logs, Ray's session logs.
+    needles = [v.encode() for v in ray_head.cluster_env.values()]
+    needles.append(ray_head.token_path.read_text().strip().encode())
+    leaks = assert_no_secret(needles)
+    client = MlflowClient(mlflow_server.uri)
+    params = json.dumps([run.data.params, run.data.tags, sorted(run.data.metrics)]).encode()
+    leaks(params, "MLflow params/tags/metrics")
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "art")))
+    for path in [p for p in artifacts.rglob("*") if p.is_file()]:
+        leaks(path.read_bytes(), f"MLflow artifact {path.name}")
+    s3 = s3_env.client()
+    bucket_name = bucket.removeprefix("s3://")
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket_name):
+        for obj in page.get("Contents", []):
+            leaks(s3.get_object(Bucket=bucket_name, Key=obj["Key"])["Body"].read(), obj["Key"])
+    for job_id in ("san-stop", "san-resume"):
+        leaks(logs(ray_head, job_id).encode(), f"`ray job logs {job_id}`")
+    for path in ray_head.temp_dir.rglob("*.log"):
+        if path.is_file():
+            leaks(path.read_bytes(), f"Ray log {path.name}")
+
+
+def assert_no_secret(needles: list[bytes]):
+    """A checker that fails naming where a secret value was found."""
+
+    def leaks(blob: bytes, where: str) -> None:
+        found = [n[:6].decode() + "..." for n in needles if n in blob]
+        assert not found, f"secret {found} in {where}"
+
+    return leaks
+
 
 @pytest.mark.parametrize("script", ["tune.py", "evaluate.py", "predict.py"])
 def test_other_pipelines_run_as_jobs(ray_head, script: str) -> None:
     """Each pipeline imports and parses its CLI in the job's Python environment."""
-    if not (ROOT / "pipelines" / script).is_file():
-        pytest.skip(f"pipelines/{script} does not exist yet")
     job_id = f"san-help-{script.removesuffix('.py')}"
     submit(ray_head, {}, job_id, ["python", f"pipelines/{script}", "--help"])
     assert wait_status(ray_head, job_id, 120) == "SUCCEEDED", logs(ray_head, job_id)

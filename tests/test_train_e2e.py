@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from sample_data import write_folder
 from services import pipeline_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,14 +34,21 @@ def run_pipeline(script: str, args: list[str], env: dict[str, str], timeout: flo
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc
 
 
-def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server):
+def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, tmp_path):
+    """Two DDP workers on a folder dataset holding one corrupt image, checkpoints to S3."""
     bucket = s3_server.make_bucket("san-e2e").removeprefix("s3://")
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **s3_server.env)
+    data = write_folder(tmp_path / "data", n=20)
+    # The pre-flight samples every 2nd image from the first, so this one is first met by
+    # training, as a bad file deep in a large dataset would be: skipped and counted.
+    (data / "train" / "images" / "img1.png").write_bytes(b"\x89PNG truncated")
     result, proc = run_pipeline(
         "train.py",
         [
             "--config",
             str(TINY),
+            "data.dataset=folder",
+            f"data.root={data}",
             "run.num_workers=2",
             "run.cpus_per_worker=1",
             f"run.storage=s3://{bucket}/runs",
@@ -49,6 +57,7 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server):
         env,
     )
     assert "step 6/6" in proc.stderr  # progress lines reach the terminal
+    assert "skipped bad sample 1 of at most 100: image 'img1' could not be decoded" in proc.stderr
     checkpoint = result["checkpoint"]
     assert checkpoint == f"s3://{bucket}/runs/e2e-s3/checkpoint_0000006"
     keys = {obj["Key"] for obj in s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]}
@@ -64,6 +73,11 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server):
     assert run.data.tags["checkpoint_uri"] == checkpoint
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert len({m.step for m in losses}) >= 3
+    # Each pass over the corrupt file skips it once; the count sums both workers' readers.
+    skipped = client.get_metric_history(run.info.run_id, "bad_samples_skipped")
+    assert skipped and skipped[-1].value >= 1 and proc.stderr.count("skipped bad sample") >= 1
+    assert [m.value for m in skipped] == sorted(m.value for m in skipped)
+    assert run.data.metrics["val_bad_samples_skipped"] == 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "miou")] == [3, 6]
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
     assert "pictures/step_0000006_overlay.png" in pictures

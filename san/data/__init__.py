@@ -154,7 +154,13 @@ class StreamDataset(IterableDataset):
                     sample_seed(self.seed, epoch, sample["id"])
                 )
                 count += 1
-                yield self.transform(sample, generator)
+                out = self.transform(sample, generator)
+                # Which reader produced the sample, and how many bad samples that reader has
+                # skipped so far: the training loop sums these into a logged metric, since
+                # loader workers are other processes whose counters it cannot read.
+                out["reader"] = part
+                out["bad_skipped"] = getattr(self.source.on_bad, "count", 0)
+                yield out
             if not self.loop:
                 return
             if count == 0:

@@ -109,9 +109,12 @@ class IIC(SegmentationModel):
 class KMeansEmbeddings(SegmentationModel):
     """k-means baseline (PiCIE-style): cluster the CNN's learned pixel embeddings.
 
-    The encoder learns by reconstructing the image from its embeddings (L_rec);
-    the centroids are fitted alongside by online mini-batch k-means on the
-    detached, normalised embeddings, so no gradient flows through clustering.
+    The centroids are fitted by online mini-batch k-means on the detached,
+    normalised embeddings, so no gradient flows through clustering. The encoder
+    learns as PiCIE's does, from its own clusters across the two views: L_mi on the
+    soft assignments to the (fixed) centroids, plus L_rec from the embeddings. It
+    differs from SAN only in where the centres come from (k-means, not the ViT over
+    the batch) and in having no L_con and L_orth.
     """
 
     def __init__(self, cfg: ModelConfig, image_size: int, momentum: float = 0.99) -> None:
