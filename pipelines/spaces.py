@@ -303,8 +303,8 @@ def load_space(path: str | Path) -> Space:
     if space.reduction_factor < 2:
         raise _fail(name, "scheduler.reduction_factor", "must be >= 2")
     cpus = _number(name, "resources.trial_cpus", resources.get("trial_cpus", 1))
-    if cpus < 0:
-        raise _fail(name, "resources.trial_cpus", f"{cpus!r} must be >= 0")
+    if cpus <= 0:  # Ray cannot place a trial that reserves nothing
+        raise _fail(name, "resources.trial_cpus", f"{cpus!r} must be > 0 (e.g. 0.5)")
     space.trial_cpus = float(cpus)
     base = raw.get("base_config")
     if base is not None and not isinstance(base, str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -339,6 +340,36 @@ def best_row(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:
     return pick(scored, key=lambda r: r[space.metric])
 
 
+def concurrency_that_fits(space: Space, cfg: Config, cluster_cpus: float) -> int:
+    """How many trials a local Ray can run at once without a deadlock.
+
+    Tune reserves only a trial's driver (resources.trial_cpus); its training workers ask
+    for their CPUs later. When the drivers of search.max_concurrent trials take every CPU,
+    no worker group can start and every trial waits forever. On a local Ray the CPU count
+    is fixed, so cap the concurrency at what fits (a cluster may autoscale; left alone).
+    """
+    run = cfg.run
+    need = space.trial_cpus + run.num_workers * run.cpus_per_worker
+    if need > cluster_cpus:
+        raise UserError(
+            f"one trial needs {need:g} CPUs (resources.trial_cpus={space.trial_cpus:g} + "
+            f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker}) "
+            f"but the local Ray has {cluster_cpus:g}; lower them or pass --num-cpus"
+        )
+    fits = int(cluster_cpus // need) if need > 0 else space.max_concurrent
+    if fits < space.max_concurrent:
+        log.warning(
+            "search.max_concurrent=%d trials need %g CPUs but the local Ray has %g: "
+            "running %d at a time",
+            space.max_concurrent,
+            space.max_concurrent * need,
+            cluster_cpus,
+            fits,
+        )
+        return fits
+    return space.max_concurrent
+
+
 def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpus: int | None):
     """Create or resume the sweep, run it, record it in MLflow; return the result summary."""
     from pyarrow import fs as pafs
@@ -360,6 +391,11 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
     if resume and not exists:
         raise UserError(f"no sweep {name!r} under {storage} to resume")
     init_ray(num_cpus)
+    if not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        space = dataclasses.replace(space, max_concurrent=concurrency_that_fits(space, cfg, cpus))
     parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
     parent_run_id, reopened = tracking.start_run(parent_cfg, storage)
     mlflow_client = tracking.client()

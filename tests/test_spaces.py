@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.common import UserError
 from pipelines.spaces import SpaceError, load_space, trial_overrides
-from pipelines.tune import num_samples_total, sweep_config, trial_config
+from pipelines.tune import concurrency_that_fits, num_samples_total, sweep_config, trial_config
+from san.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "tune_spaces").glob("*.yaml"))
@@ -83,6 +85,10 @@ def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
         ("params: {model.tau: {choice: [0.1]}}\nsearchh: {}", "searchh"),
         ("params: {}", "params"),
         (
+            "params: {model.tau: {choice: [0.1]}}\nresources: {trial_cpus: 0}",
+            "resources.trial_cpus",
+        ),
+        (
             "search: {algorithm: optuna}\nparams: {model.tau: {grid: [0.1, 0.2]}}",
             "params.model.tau",
         ),
@@ -119,3 +125,14 @@ def test_cli_bad_space_fails_before_ray(tmp_path: Path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "params.model.tau" in lines[0]
+
+
+def test_local_concurrency_is_capped_to_what_fits() -> None:
+    """Drivers of too many trials would take every CPU and no worker group could start."""
+
+    space = load_space(ROOT / "tune_spaces" / "quick.yaml")  # 2 at once, trial_cpus 1
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.cpus_per_worker=1"])
+    assert concurrency_that_fits(space, cfg, cluster_cpus=4) == 2  # 2 x (1 + 1) fits
+    assert concurrency_that_fits(space, cfg, cluster_cpus=3) == 1
+    with pytest.raises(UserError, match=r"one trial needs 2 CPUs .* the local Ray has 1;"):
+        concurrency_that_fits(space, cfg, cluster_cpus=1)
