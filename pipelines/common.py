@@ -117,8 +117,12 @@ def resolve_storage(url: str) -> str:
 
 
 def worker_env() -> dict[str, str]:
-    """Service endpoints and credentials (by name) this process would hand to Ray workers."""
-    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    """Service endpoints (by name) for Ray workers' runtime env; secrets go by inheritance."""
+    env = {
+        name: os.environ[name]
+        for name in FORWARDED_ENV
+        if os.environ.get(name) and name not in SECRET_ENV
+    }
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     env["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     return env
@@ -130,7 +134,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env_vars = {k: v for k, v in worker_env().items() if k not in SECRET_ENV}
+    env_vars = worker_env()
     runtime_env = {"env_vars": env_vars}
     address = os.environ.get("RAY_ADDRESS")
     if address:

@@ -356,7 +356,7 @@ def concurrency_that_fits(space: Space, cfg: Config, cluster_cpus: float) -> int
             f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker}) "
             f"but the local Ray has {cluster_cpus:g}; lower them or pass --num-cpus"
         )
-    fits = int(cluster_cpus // need) if need > 0 else space.max_concurrent
+    fits = int(cluster_cpus // need)  # need > 0: spaces refuse resources.trial_cpus <= 0
     if fits < space.max_concurrent:
         log.warning(
             "search.max_concurrent=%d trials need %g CPUs but the local Ray has %g: "
