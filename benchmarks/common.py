@@ -23,10 +23,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from san.config import Config, load_config  # noqa: E402
-from san.data import StreamDataset, create_dataset, train_pair_transform  # noqa: E402
+from san.data import (  # noqa: E402
+    PairLoader,
+    StreamDataset,
+    create_dataset,
+    train_pair_transform,
+)
 from san.engine import Trainer, apply_memory_format, seed_everything  # noqa: E402
 from san.models import create_model  # noqa: E402
 
@@ -141,7 +145,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
+def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PairLoader:
     """The training DataLoader exactly as pipelines/loop.py builds it."""
     stream = StreamDataset(
         create_dataset(cfg.data, cfg.data.train_split),
@@ -151,7 +155,7 @@ def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> DataLoader:
         seed=cfg.run.seed + rank * 7919,
     )
     workers = cfg.data.loader_workers
-    return DataLoader(
+    return PairLoader(
         stream,
         batch_size=cfg.optim.batch_size,
         num_workers=workers,

@@ -5,7 +5,9 @@
 Sources (the same images each time, ../shared/data/camvid/train, or synthetic scenes
 written as PNG when that folder is absent):
 - folder: FolderDataset, one JPEG/PNG file per image;
-- shards (local): ShardDataset over Parquet shards on local disk (write_shards);
+- shards (local): ShardDataset over Parquet shards on local disk (write_shards), with
+  the image files stored as they are (image_encoding="source") and as decoded pixels
+  (image_encoding="raw", `prepare_data.py --image-encoding raw`);
 - shards (S3): the same shards in a bucket of a real local S3 endpoint (moto server).
 
 For each, the full training data path (StreamDataset + train_pair_transform +
@@ -95,8 +97,10 @@ def delivered(cfg, n_images: int) -> float:
 
 
 def source_only(cfg, n_images: int) -> float:
-    """img/s of read + decode alone (no augmentation, no DataLoader)."""
+    """img/s of read + decode alone (no augmentation, no DataLoader), images only, as
+    training reads them (labels are not read)."""
     source = create_dataset(cfg.data, cfg.data.train_split)
+    source.load_labels = False
     seen, start = 0, time.perf_counter()
     while seen < n_images:
         for _ in source.iter_partition(0, 1, seen, True, 0):
@@ -136,17 +140,24 @@ def main() -> None:
         else:
             folder_root, origin = synthetic_folder(work / "folder", 64), "synthetic PNG 180x180"
         records = list(FolderDataset(str(folder_root), "train").iter_records())
-        write_shards(records, str(work / "shards" / "train"), shard_size=64)
         s3.start()
         import os
 
         os.environ.update(s3.env)
         bucket = s3.make_bucket("bench")
-        write_shards(records, f"{bucket}/shards/train", shard_size=64)
+        for encoding in ("source", "raw"):
+            for root in (str(work / encoding), f"{bucket}/{encoding}"):
+                write_shards(records, f"{root}/train", shard_size=64, image_encoding=encoding)
+        sizes = {
+            encoding: sum(p.stat().st_size for p in (work / encoding / "train").iterdir())
+            for encoding in ("source", "raw")
+        }
         sources = {
             "folder (JPEG/PNG files)": ("folder", str(folder_root)),
-            "shards (local Parquet)": ("shards", str(work / "shards")),
-            "shards (S3 endpoint)": ("shards", f"{bucket}/shards"),
+            "shards (local Parquet)": ("shards", str(work / "source")),
+            "shards (S3 endpoint)": ("shards", f"{bucket}/source"),
+            "raw shards (local Parquet)": ("shards", str(work / "raw")),
+            "raw shards (S3 endpoint)": ("shards", f"{bucket}/raw"),
         }
         rates: dict[tuple[str, str], list[float]] = {}
         for r in range(repeats):
@@ -162,10 +173,10 @@ def main() -> None:
                     source_only(cfg, n_images)
                 )
                 print(f"repeat {r} {name}: done", flush=True)
-        aug = augment_only(with_data(base, "shards", str(work / "shards"), 0), n_images)
+        aug = augment_only(with_data(base, "shards", str(work / "raw"), 0), n_images)
 
         # Step time with real data (local shards) vs pre-made tensors, alternating.
-        cfg = with_data(base, "shards", str(work / "shards"), base.data.loader_workers)
+        cfg = with_data(base, "shards", str(work / "source"), base.data.loader_workers)
         real, premade = [], []
         trainer = build_trainer(cfg)
         loader = train_loader(cfg)
@@ -197,7 +208,7 @@ def main() -> None:
     ]
     batch_images = cfg.optim.batch_size
     needed = batch_images / median(premade)
-    best_shards = median(rates[("shards (local Parquet)", "loader_workers=1")])
+    best_shards = median(rates[("raw shards (local Parquet)", "loader_workers=1")])
     sections = [
         (
             "Setup",
@@ -205,12 +216,14 @@ def main() -> None:
             f"batch {base.optim.batch_size}; {n_images} images timed per measurement; "
             f"{repeats} alternating repeats. Augmentation alone (train_pair_transform on "
             f"decoded images): {aug:.0f} img/s. Model for the step: {base.model.encoder} + "
-            f"{base.model.vit} depth {base.model.vit_depth}.",
+            f"{base.model.vit} depth {base.model.vit_depth}. Shard bytes on disk: "
+            f"{sizes['source'] / 2**20:.1f} MiB as source files, "
+            f"{sizes['raw'] / 2**20:.1f} MiB as raw pixels.",
         ),
         (
             "Training step: real data vs pre-made tensors",
             table(["what", "median ms / ratio"], step_rows)
-            + f"\n\nThe step consumes {needed:.0f} img/s; local shards deliver "
+            + f"\n\nThe step consumes {needed:.0f} img/s; local raw shards deliver "
             f"{best_shards:.0f} img/s with 1 loader worker.",
         ),
     ]

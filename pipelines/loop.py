@@ -22,6 +22,7 @@ from san import storage
 from san.config import Config, from_dict
 from san.data import (
     DataError,
+    PairLoader,
     SkipBad,
     StreamDataset,
     create_dataset,
@@ -223,7 +224,7 @@ def train_loop(loop_config: dict) -> None:
         world_size,
         seed=cfg.run.seed + rank * 7919 + start_step,  # fresh, reproducible data after a resume
     )
-    loader = DataLoader(
+    loader = PairLoader(
         stream,
         batch_size=cfg.optim.batch_size,
         num_workers=cfg.data.loader_workers,

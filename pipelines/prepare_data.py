@@ -1,7 +1,8 @@
 """Convert a dataset in its standard layout into Parquet shards on any fsspec URL.
 
     python pipelines/prepare_data.py --dataset NAME --source PATH_OR_URL --out URL \\
-        [--split train,val] [--shard-size N] [--on-bad skip|fail] [--class-names a,b,...]
+        [--split train,val] [--shard-size N] [--on-bad skip|fail] [--class-names a,b,...] \\
+        [--image-encoding source|raw]
 
 Writes `<out>/<split>/shard-*.parquet` and `<out>/<split>/manifest.json` (counts, class
 names, per-shard sha256, the source fingerprint and any skipped samples). Training reads
@@ -13,6 +14,8 @@ them with `data.dataset=shards data.root=<out>`.
   with the manifest last; an old manifest is removed before the first move, so readers
   never take a mix of old and new files for a complete dataset. A failed run removes its
   temporary prefix and leaves the old output untouched.
+- `--image-encoding raw` stores decoded pixels instead of the image files: no decode when
+  training reads them, at 5-15x the storage (see san/data/shards.py).
 - Bad samples (undecodable image or label, label size different from its image) are
   reported by id, one line each on stderr; `--on-bad skip` (default) leaves them out and
   lists them in the manifest, `--on-bad fail` stops with a one-line error naming the id.
@@ -38,7 +41,7 @@ from pipelines.common import UserError, print_result, run_main  # noqa: E402
 from san.config import DataConfig  # noqa: E402
 from san.data import DataError, create_dataset  # noqa: E402
 from san.data.layout import fingerprint  # noqa: E402
-from san.data.shards import MANIFEST, write_shards  # noqa: E402
+from san.data.shards import IMAGE_ENCODINGS, MANIFEST, write_shards  # noqa: E402
 from san.storage import (  # noqa: E402
     StorageError,
     check_storage,
@@ -72,6 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--class-names",
         default="",
         help="comma-separated class names, for a folder without classes.txt (e.g. CamVid)",
+    )
+    parser.add_argument(
+        "--image-encoding",
+        choices=IMAGE_ENCODINGS,
+        default="source",
+        help="source: keep image files as they are (small); raw: decoded pixels (no decode "
+        "when training reads them, 5-15x larger)",
     )
     args = parser.parse_args(argv)
     if args.shard_size < 1:
@@ -178,6 +188,7 @@ def prepare_split(args: argparse.Namespace, source_url: str, out_url: str, split
         "shard_size": args.shard_size,
         "on_bad": args.on_bad,
         "class_names": class_names,
+        "image_encoding": args.image_encoding,
     }
     source_fp = fingerprint(source, args.dataset)
     dest = join(out_url, split)
@@ -196,7 +207,11 @@ def prepare_split(args: argparse.Namespace, source_url: str, out_url: str, split
     log.info("%s: writing %d images from %s to %s", split, len(source), source_url, dest)
     try:
         manifest = write_shards(
-            records(source, args.on_bad, skipped), tmp, args.shard_size, class_names
+            records(source, args.on_bad, skipped),
+            tmp,
+            args.shard_size,
+            class_names,
+            image_encoding=args.image_encoding,
         )
         manifest.update(
             {

@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,21 +22,26 @@ from san.config import DataConfig
 from san.data import (
     DataError,
     FolderDataset,
+    PairLoader,
     ShardDataset,
+    SkipBad,
     StreamDataset,
     SyntheticScenes,
     create_dataset,
     eval_sample_transform,
     train_pair_transform,
+    unpack_pairs,
     write_shards,
 )
-from san.data.shards import encode_png
+from san.data.shards import SCHEMA, encode_png
 from san.data.transforms import (
     PairTransform,
     align_views,
+    color_jitter,
     crop_view,
     denormalize,
     eval_transform,
+    jitter_params,
     normalize,
 )
 
@@ -66,22 +72,62 @@ def test_normalize_roundtrip() -> None:
 
 def test_pair_transform_shapes_and_determinism() -> None:
     img = torch.randint(0, 256, (3, 90, 120), dtype=torch.uint8)
-    pair = PairTransform(32, crop_min_scale=0.5, jitter=0.4)
-    a = pair(img, torch.Generator().manual_seed(7))
-    b = pair(img, torch.Generator().manual_seed(7))
-    c = pair(img, torch.Generator().manual_seed(8))
-    assert set(a) == {"view1", "view2", "box1", "box2", "flip1", "flip2"}
-    for key in ("view1", "view2"):
-        assert a[key].shape == (3, 32, 32) and a[key].dtype == torch.float32
-    for key in a:
+    cfg = DataConfig(image_size=32, crop_min_scale=0.5, jitter=0.4)
+    train = train_pair_transform(cfg)
+    sample = {"image": img, "id": "x"}
+    a = train(sample, torch.Generator().manual_seed(7))
+    b = train(sample, torch.Generator().manual_seed(7))
+    c = train(sample, torch.Generator().manual_seed(8))
+    assert set(a) == {"views", "geometry", "colour", "id"}
+    assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.uint8
+    assert a["geometry"].shape == (2, 5) and a["colour"].shape == (2, 4)
+    for key in ("views", "geometry", "colour"):
         assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["view1"], c["view1"])
-    for key in ("box1", "box2"):
-        box = a[key]
-        assert box.shape == (4,) and box.dtype == torch.float32
+    assert not torch.equal(a["views"], c["views"])
+    for box in a["geometry"][:, :4]:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
         assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
-    assert a["flip1"].dtype == torch.bool and a["flip1"].shape == ()
+    assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
+
+    packed = train.collate([a, c])
+    assert packed["views"].shape == (2, 2, 3, 32, 32) and packed["views"].dtype == torch.float32
+    assert torch.equal(packed["views"], train.collate([b, c])["views"])
+    # Jitter and normalisation per batch are those of each sample on its own.
+    assert torch.allclose(packed["views"][1], train.collate([c])["views"][0], atol=1e-6)
+    plain = PairTransform(32, jitter=0.0).finish(a["views"][None], a["colour"][None])[0]
+    assert torch.allclose(denormalize(plain), a["views"].float() / 255, atol=1e-6)
+    assert not torch.allclose(packed["views"][0], plain, atol=1e-2)  # jitter applied
+    batch = unpack_pairs(packed)
+    assert torch.equal(batch["view2"][1], packed["views"][1, 1])
+    assert torch.equal(batch["box1"][0], a["geometry"][0, :4])
+    assert batch["flip2"].dtype == torch.bool and batch["flip2"].shape == (2,)
+    assert batch["flip2"].tolist() == [bool(a["geometry"][1, 4]), bool(c["geometry"][1, 4])]
+    assert batch["id"] == ["x", "x"]
+
+
+def test_color_jitter_is_the_four_jitters_composed() -> None:
+    """The fused affine map equals brightness, contrast, saturation, hue applied in turn."""
+    x = 0.25 + 0.5 * torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    u = np.random.default_rng(0).random((4, 4))
+    fused = color_jitter(x, jitter_params(0.4, u.tolist()))
+    factors = torch.tensor(1 + 0.4 * (2 * u[:, :3] - 1), dtype=torch.float32)
+    b, c, s = factors.T.reshape(3, -1, 1, 1, 1)
+    hue = (2 * u[:, 3] - 1) * 0.1 * 2 * math.pi
+    grey_w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    y = x * b
+    mean = (y * grey_w).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    y = (y - mean) * c + mean
+    grey = (y * grey_w).sum(1, keepdim=True)
+    y = grey + (y - grey) * s
+    rgb2yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    expect = []
+    for i in range(4):
+        cos, sin = math.cos(hue[i]), math.sin(hue[i])
+        rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]])
+        matrix = torch.linalg.inv(rgb2yiq) @ rot @ rgb2yiq
+        expect.append(torch.einsum("ij,jhw->ihw", matrix, y[i]))
+    assert torch.allclose(fused, torch.stack(expect).clamp(0, 1), atol=1e-5)
+    assert not torch.allclose(fused, x, atol=1e-2)
 
 
 def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
@@ -92,8 +138,9 @@ def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
         v1 = torch.nn.functional.avg_pool2d(v1[None], pool)[0]
         v2 = torch.nn.functional.avg_pool2d(v2[None], pool)[0]
     aligned, mask = align_views(
-        v2[None], unit1[None], torch.tensor([flip1]), unit2[None], torch.tensor([flip2])
-    )
+        v2[None], torch.tensor([unit1]), torch.tensor([flip1]), torch.tensor([unit2]),
+        torch.tensor([flip2]),
+    )  # fmt: skip
     mask = mask[0]
     err = (aligned[0] - v1).abs().amax(0)[mask]
     return err, mask
@@ -116,7 +163,11 @@ def test_align_views_pair_transform_geometry() -> None:
     pair = PairTransform(48, crop_min_scale=0.4, jitter=0.0)
     checked = 0
     for seed in range(12):
-        out = pair(img, torch.Generator().manual_seed(seed))
+        sample = pair(img, torch.Generator().manual_seed(seed))
+        views = pair.finish(sample["views"][None], sample["colour"][None])[0]
+        flips = sample["geometry"][:, 4] > 0.5
+        out = {"view1": views[0], "view2": views[1], "flip1": flips[0], "flip2": flips[1]}
+        out.update(box1=sample["geometry"][0, :4], box2=sample["geometry"][1, :4])
         aligned, mask = align_views(
             out["view2"][None], out["box1"][None], out["flip1"][None],
             out["box2"][None], out["flip2"][None],
@@ -335,6 +386,74 @@ def test_shards_roundtrip_bit_exact(tmp_path: Path) -> None:
         ShardDataset(str(tmp_path / "nothing"), "train")
 
 
+def test_raw_shards_hold_the_same_pixels(tmp_path: Path) -> None:
+    """image_encoding="raw" stores decoded pixels: identical images, no decode on read."""
+    records = _records(6)
+    source = write_shards(records, str(tmp_path / "source"), shard_size=4)
+    raw = write_shards(records, str(tmp_path / "raw"), shard_size=4, image_encoding="raw")
+    assert (source["image_encoding"], raw["image_encoding"]) == ("source", "raw")
+    row = pq.read_table(tmp_path / "raw" / "shard-00000.parquet").to_pylist()[0]
+    assert len(row["image"]) == 24 * 24 * 3  # uint8 H x W x 3
+    as_source = {
+        s["id"]: s
+        for s in ShardDataset(str(tmp_path / "source"), "x").iter_partition(0, 1, 0, False, 0)
+    }
+    as_raw = {
+        s["id"]: s
+        for s in ShardDataset(str(tmp_path / "raw"), "x").iter_partition(0, 1, 0, False, 0)
+    }
+    assert list(as_raw) == [r["id"] for r in records]
+    for sample_id, sample in as_raw.items():
+        assert sample["image"].dtype == torch.uint8 and sample["image"].shape == (3, 24, 24)
+        assert torch.equal(sample["image"], as_source[sample_id]["image"])
+        expect = as_source[sample_id]["label"]
+        assert (sample["label"] is None) == (expect is None)
+        assert expect is None or torch.equal(sample["label"], expect)
+    with pytest.raises(ValueError, match="allowed"):
+        write_shards(records, str(tmp_path / "bad"), image_encoding="webp")
+
+
+def test_raw_shard_row_of_the_wrong_size_is_skipped_by_name(tmp_path: Path) -> None:
+    records = _records(3)
+    records[1]["width"] = 25  # the record lies about its size: refused when writing
+    with pytest.raises(DataError, match=records[1]["id"]):
+        write_shards(records, str(tmp_path / "lying"), image_encoding="raw")
+    records[1]["width"] = 24
+    write_shards(records, str(tmp_path / "ok"), image_encoding="raw")
+    path = tmp_path / "ok" / "shard-00000.parquet"
+    table = pq.read_table(path).to_pylist()
+    table[1]["image"] = table[1]["image"][:-3]  # truncated pixels, as a damaged writer leaves
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), path)
+    ds = ShardDataset(str(tmp_path / "ok"), "x")
+    with pytest.raises(DataError, match=f"{records[1]['id']}.*raw bytes"):
+        list(ds.iter_partition(0, 1, 0, False, 0))
+    ds.on_bad = SkipBad(limit=1)
+    assert [s["id"] for s in ds.iter_partition(0, 1, 0, False, 0)] == [
+        records[0]["id"],
+        records[2]["id"],
+    ]
+    assert ds.on_bad.count == 1
+
+
+def test_training_stream_does_not_read_labels(tmp_path: Path) -> None:
+    """The train transform drops labels, so sources skip reading and decoding them."""
+    write_shards(_records(4), str(tmp_path / "shards"), shard_size=2)
+    root = tmp_path / "folder" / "train"
+    _save(root / "images" / "x.png", np.zeros((20, 30, 3), np.uint8))
+    (root / "labels").mkdir()
+    (root / "labels" / "x.png").write_bytes(b"corrupt label that training must never open")
+    for dataset, data_root in (("shards", tmp_path / "shards"), ("folder", tmp_path / "folder")):
+        cfg = DataConfig(dataset=dataset, root=str(data_root), image_size=16)
+        train = create_dataset(cfg, "train")
+        batches = list(StreamDataset(train, train_pair_transform(cfg), loop=False))
+        assert train.load_labels is False and batches
+        evaluated = create_dataset(cfg, "train")
+        StreamDataset(evaluated, eval_sample_transform(cfg), loop=False)
+        assert evaluated.load_labels is True
+    with pytest.raises(DataError, match="label 'x'"):
+        list(StreamDataset(evaluated, eval_sample_transform(cfg), loop=False))
+
+
 @pytest.mark.e2e
 def test_shards_on_s3(s3_env) -> None:
     """Write and stream shards through a real (moto) S3 endpoint, found from the env."""
@@ -405,7 +524,7 @@ def test_stream_dataset_train_batches(workers: int) -> None:
     source = create_dataset(cfg, "train")
     assert source.image_size == 40
     stream = StreamDataset(source, train_pair_transform(cfg), seed=1, loop=False, shuffle=True)
-    loader = DataLoader(stream, batch_size=4, num_workers=workers)
+    loader = PairLoader(stream, batch_size=4, num_workers=workers)
     batches = list(loader)
     ids = [i for b in batches for i in b["id"]]
     assert sorted(ids) == sorted(source[i]["id"] for i in range(12))
@@ -417,7 +536,7 @@ def test_stream_dataset_train_batches(workers: int) -> None:
     assert "label" not in b
     # Same seed, same augmentation for the same sample (worker split does not matter).
     again = {}
-    for b in DataLoader(stream, batch_size=4):
+    for b in PairLoader(stream, batch_size=4):
         again.update(zip(b["id"], b["view1"], strict=True))
     for b in batches:
         for i, v in zip(b["id"], b["view1"], strict=True):

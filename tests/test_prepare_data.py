@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 from services import free_port
 
 from pipelines.common import UserError
 from pipelines.prepare_data import main
-from san.data import ShardDataset
+from san.data import FolderDataset, ShardDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "pipelines" / "prepare_data.py"
@@ -183,6 +184,27 @@ def test_changed_source_is_rewritten(tmp_path: Path, capsys: pytest.CaptureFixtu
     ]  # fmt: skip
     main(_args(source, out, "--shard-size", "3"))  # other options: rewritten too
     assert last_json(capsys.readouterr().out)["splits"]["train"]["status"] == "written"
+
+
+def test_raw_image_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--image-encoding raw: the same pixels, stored decoded; switching it rewrites the split."""
+    source = _folder(tmp_path / "src", n=3)
+    out = tmp_path / "out"
+    main(_args(source, out, "--image-encoding", "raw"))
+    manifest = manifest_of(out / "train")
+    assert manifest["image_encoding"] == "raw" and manifest["options"]["image_encoding"] == "raw"
+    raw = {
+        s["id"]: s["image"]
+        for s in ShardDataset(str(out), "train").iter_partition(0, 1, 0, False, 0)
+    }
+    folder = FolderDataset(str(source), "train")
+    assert sorted(raw) == sorted(folder.ids)
+    for i, sample_id in enumerate(folder.ids):
+        assert torch.equal(raw[sample_id], folder[i]["image"])
+    capsys.readouterr()
+    main(_args(source, out))
+    assert last_json(capsys.readouterr().out)["splits"]["train"]["status"] == "written"
+    assert manifest_of(out / "train")["image_encoding"] == "source"
 
 
 def test_one_line_errors(tmp_path: Path) -> None:

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from pipelines.loop import run_evaluation
 from san.config import load_config
-from san.data import StreamDataset, create_dataset, train_pair_transform
+from san.data import PairLoader, StreamDataset, create_dataset, train_pair_transform
 from san.engine import Trainer, seed_everything
 from san.models import create_model
 
@@ -30,7 +29,7 @@ def test_san_beats_random_assignment_on_synthetic():
     model = create_model(cfg)
     trainer = Trainer(model, cfg, torch.device("cpu"))
     source = create_dataset(cfg.data, cfg.data.train_split)
-    loader = DataLoader(
+    loader = PairLoader(
         StreamDataset(source, train_pair_transform(cfg.data), seed=0),
         batch_size=cfg.optim.batch_size,
     )

@@ -98,7 +98,7 @@ class FolderDataset(IndexedSource):
     def __getitem__(self, index: int) -> dict:
         sample_id = self.ids[index]
         image = decode_image(self._read(self.image_paths[index], sample_id), sample_id)
-        label_path = self.label_paths[index]
+        label_path = self.label_paths[index] if self.load_labels else None
         label = None
         if label_path is not None:
             label = decode_label(self._read(label_path, sample_id), sample_id)

@@ -192,7 +192,7 @@ class LayoutDataset(ForkSafeFilesystem, IndexedSource):
         image, stored = self.load_image(
             self.read_bytes(self.image_paths[index], sample_id), sample_id
         )
-        label_path = self.label_paths[index]
+        label_path = self.label_paths[index] if self.load_labels else None
         label = None
         if label_path is not None:
             raw = self.load_label(self.read_bytes(label_path, sample_id), sample_id)
