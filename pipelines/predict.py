@@ -44,6 +44,7 @@ class InputPlan:
     kind: str  # "folder" or "shards"
     images: dict[str, str]  # id -> file URL (folder input only)
     shards: list[str]  # shard file URLs (shard input only)
+    image_encoding: str = "source"  # shards: image files as they are, or "raw" pixels
 
 
 def _is_file(url: str) -> bool:
@@ -58,8 +59,9 @@ def plan_input(url: str, split: str) -> InputPlan:
     for root in (url, storage.join(url, split)):
         manifest = storage.join(root, SHARD_MANIFEST)
         if _is_file(manifest):
-            shards = json.loads(storage.read_bytes(manifest))["shards"]
-            return InputPlan("shards", {}, [storage.join(root, s["file"]) for s in shards])
+            content = json.loads(storage.read_bytes(manifest))
+            files = [storage.join(root, s["file"]) for s in content["shards"]]
+            return InputPlan("shards", {}, files, content.get("image_encoding", "source"))
     for folder in (url, storage.join(url, "images"), storage.join(url, split, "images")):
         try:
             names = storage.list_dir(folder)
@@ -90,14 +92,20 @@ def finished_ids(output: str) -> set[str]:
 class Predictor:
     """Ray Data callable class: loads the checkpoint once per actor, segments a batch, writes.
 
-    A batch holds ``id`` plus either ``url`` (image files) or ``image`` (encoded bytes from
-    shards). Images are resized whole to the model's square input size, and the logits are
-    resized back to each image's own size, so a mask covers its image pixel for pixel.
+    A batch holds ``id`` plus either ``url`` (image files) or ``image``, ``height`` and
+    ``width`` (shard rows: encoded bytes, or raw pixels with ``image_encoding="raw"``).
+    Images are resized whole to the model's square input size, and the logits are resized
+    back to each image's own size, so a mask covers its image pixel for pixel.
     Returns one row per input: ``id`` and ``status`` ("written" or "skipped").
     """
 
     def __init__(
-        self, checkpoint: str, output: str, overlay: bool, skip: frozenset[str] = frozenset()
+        self,
+        checkpoint: str,
+        output: str,
+        overlay: bool,
+        skip: frozenset[str] = frozenset(),
+        image_encoding: str = "source",
     ) -> None:
         import torch
 
@@ -114,6 +122,7 @@ class Predictor:
         self.output = output
         self.overlay = overlay
         self.skip = skip
+        self.raw = image_encoding == "raw"
 
     def _segment(self, image):
         """uint8 3xHxW -> (uint8 HxW cluster ids, float 3xHxW image in [0, 1])."""
@@ -134,7 +143,7 @@ class Predictor:
         return mask, rgb[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from san.data import decode_image, encode_png
+        from san.data import decode_image, decode_raw, encode_png
         from san.viz import overlay_panel
 
         ids = [str(i) for i in batch["id"]]
@@ -144,11 +153,14 @@ class Predictor:
             if sample_id in self.skip:
                 statuses.append("skipped")
                 continue
-            if "image" in batch:
-                data = bytes(batch["image"][index])
+            if "image" not in batch:
+                image = decode_image(storage.read_bytes(str(batch["url"][index])), sample_id)
+            elif self.raw:
+                height, width = int(batch["height"][index]), int(batch["width"][index])
+                image = decode_raw(bytes(batch["image"][index]), height, width, sample_id)
             else:
-                data = storage.read_bytes(str(batch["url"][index]))
-            mask, rgb = self._segment(decode_image(data, sample_id))
+                image = decode_image(bytes(batch["image"][index]), sample_id)
+            mask, rgb = self._segment(image)
             if self.overlay:
                 panel = overlay_panel(rgb.unsqueeze(0), mask.unsqueeze(0).long())
                 overlay_url = storage.join(self.output, OVERLAY_DIR, f"{sample_id}.png")
@@ -169,7 +181,8 @@ def build_dataset(plan: InputPlan, done: set[str]):
         return ray.data.from_items(items)
     filesystem, _ = storage.pyarrow_filesystem(plan.shards[0])
     paths = [storage.pyarrow_filesystem(s)[1] for s in plan.shards]
-    return ray.data.read_parquet(paths, filesystem=filesystem, columns=["id", "image"])
+    columns = ["id", "image", "height", "width"]
+    return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
 
 
 def predict(
@@ -207,6 +220,7 @@ def predict(
                 "output": output,
                 "overlay": overlay,
                 "skip": frozenset(done) if plan.kind == "shards" else frozenset(),
+                "image_encoding": plan.image_encoding,
             },
             batch_size=batch_size,
             concurrency=num_actors,

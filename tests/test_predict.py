@@ -129,3 +129,33 @@ def test_shard_input_is_planned_and_predicted(tmp_path: Path) -> None:
     }
     assert list(predictor(batch)["status"]) == ["written", "written"]
     assert png_size((tmp_path / "out" / MASK_DIR / "y.png").read_bytes()) == (28, 20)
+
+
+def test_raw_shard_rows_are_predicted(tmp_path: Path) -> None:
+    """Shards written with image_encoding="raw": planned as raw, rows decoded by size."""
+    from san.data import encode_png, write_shards
+
+    pixels = np.random.default_rng(2).integers(0, 255, (20, 28, 3), dtype=np.uint8)
+    sample = {"id": "r", "image_bytes": encode_png(pixels), "label_bytes": None, "width": 28,
+              "height": 20}  # fmt: skip
+    write_shards([sample], str(tmp_path / "shards" / "val"), image_encoding="raw")
+    plan = plan_input(str(tmp_path / "shards"), "val")
+    assert plan.kind == "shards" and plan.image_encoding == "raw"
+    make_checkpoint(str(tmp_path / "ckpt"))
+    out = tmp_path / "out"
+    predictor = Predictor(str(tmp_path / "ckpt"), str(out), overlay=False, image_encoding="raw")
+    batch = {
+        "id": np.array(["r"], dtype=object),
+        "image": np.array([pixels.tobytes()], dtype=object),
+        "height": np.array([20]),
+        "width": np.array([28]),
+    }
+    assert list(predictor(batch)["status"]) == ["written"]
+    assert png_size((out / MASK_DIR / "r.png").read_bytes()) == (28, 20)
+    # The same image through the "source" path gives the same mask.
+    source = Predictor(str(tmp_path / "ckpt"), str(tmp_path / "out2"), overlay=False)
+    batch["image"] = np.array([sample["image_bytes"]], dtype=object)
+    source(batch)
+    assert (out / MASK_DIR / "r.png").read_bytes() == (
+        tmp_path / "out2" / MASK_DIR / "r.png"
+    ).read_bytes()

@@ -21,7 +21,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from san.config import DataConfig
-from san.data.base import DataError, SkipBad, decode_image, decode_label, encode_png
+from san.data.base import (
+    DataError,
+    SkipBad,
+    decode_image,
+    decode_label,
+    decode_raw,
+    encode_png,
+)
 from san.data.cityscapes import Cityscapes27
 from san.data.cocostuff import CocoStuff27
 from san.data.folder import FolderDataset
@@ -46,6 +53,7 @@ __all__ = [
     "create_dataset",
     "decode_image",
     "decode_label",
+    "decode_raw",
     "encode_png",
     "eval_sample_transform",
     "sample_seed",

@@ -4,16 +4,17 @@ One row per image: `id`, `image`, `label` (encoded PNG or null), `width`, `heigh
 `image` holds, by the manifest's `image_encoding`:
 
 - "source" (default): the encoded JPEG/PNG file bytes as they are: the smallest shards,
-  but every read pays the decode (about 1 ms for a 240x180 JPEG on one core);
+  but every read pays the decode (about 0.5 ms for a 240x180 JPEG and 2 ms at 480x360,
+  on one core of the project's test machine);
 - "raw": the decoded pixels, uint8 RGB, interleaved (height x width x 3), row-major:
-  the same pixels, read with no decode at all, at 5-15x the bytes of a JPEG. Pick it
-  when image decode limits training throughput and the storage is affordable (the
-  approach FFCV's raw write mode takes).
+  the same pixels, read with no decode at all, at about 8x the bytes of CamVid's JPEGs.
+  Pick it when image decode limits training throughput and the storage is affordable
+  (the approach of FFCV's raw write mode); benchmarks/data_path.py measures both.
 
 A `manifest.json`, written last, lists the shards with their row counts and sha256
 checksums; readers go through it, so a half-written dataset (no manifest yet) is never
-read. Every file is written to a temporary name and
-then renamed, so an interrupted write leaves no truncated shard behind.
+read. Every file is written to a temporary name and then renamed, so an interrupted
+write leaves no truncated shard behind.
 """
 
 from __future__ import annotations
