@@ -154,13 +154,19 @@ def source_only(cfg, n_images: int) -> float:
 
 
 def augment_only(cfg, n_images: int) -> float:
-    """img/s of train_pair_transform alone on already decoded images."""
+    """img/s of train_pair_transform alone on already decoded images: both stages, the
+    per-image one and the per-batch `collate` (colour jitter, normalisation)."""
     source = create_dataset(cfg.data, cfg.data.train_split)
     samples = [s for _, s in zip(range(16), source.iter_partition(0, 1, 0, False, 0), strict=False)]
     transform = train_pair_transform(cfg.data)
+    batch_size = cfg.optim.batch_size
     start = time.perf_counter()
-    for i in range(n_images):
-        transform(samples[i % len(samples)], torch.Generator().manual_seed(i))
+    for first in range(0, n_images, batch_size):
+        batch = [
+            transform(samples[i % len(samples)], torch.Generator().manual_seed(i))
+            for i in range(first, min(first + batch_size, n_images))
+        ]
+        transform.collate(batch)
     return n_images / (time.perf_counter() - start)
 
 

@@ -185,7 +185,7 @@ class StreamDataset(IterableDataset):
 
 
 class TrainPairTransform:
-    """sample -> `PairTransform` stage one + "id"; `collate` is stage two, per batch.
+    """sample -> PairTransform views + "id"; `collate` packs a batch of them.
 
     Labels are dropped (training is unsupervised), so sources are told not to read them.
     """
@@ -200,22 +200,31 @@ class TrainPairTransform:
         out["id"] = sample["id"]
         return out
 
-    def collate(self, samples: list[dict]) -> dict:
-        """Samples -> {"views": float B x 2 x 3 x S x S, "geometry": B x 2 x 5, "id",
-        "reader", "bad_skipped"}: two tensors and plain lists.
+    @staticmethod
+    def collate(samples: list[dict]) -> dict:
+        """Samples -> {"views": float B x 2 x 3 x S x S, "geometry": B x 2 x 5 (box in [0, 1]
+        coordinates, then 1.0 if flipped), "id", "reader", "bad_skipped"}: two tensors and
+        plain lists.
 
         Runs in the loader worker. The worker hands each tensor of a batch to the
-        training process through its own shared-memory segment, at about half a
-        millisecond apiece on CPU hosts, and default collation of the Trainer's keys would
-        make eight. `unpack_pairs` gives the Trainer its keys back.
+        training process through its own shared-memory segment, about half a millisecond
+        apiece on CPU hosts, and default collation of the Trainer's keys makes eight.
+        `unpack_pairs` gives the Trainer its keys back.
         """
-        views = self.pair.finish(
-            torch.stack([s["views"] for s in samples]),
-            torch.stack([s["colour"] for s in samples]),
+        views = torch.stack([torch.stack([s["view1"], s["view2"]]) for s in samples])
+        geometry = torch.tensor(
+            [
+                [
+                    [*s["box1"].tolist(), float(s["flip1"])],
+                    [*s["box2"].tolist(), float(s["flip2"])],
+                ]
+                for s in samples
+            ],
+            dtype=torch.float32,
         )
         return {
             "views": views,
-            "geometry": torch.stack([s["geometry"] for s in samples]),
+            "geometry": geometry,
             "id": [s.get("id") for s in samples],
             "reader": [int(s.get("reader", 0)) for s in samples],
             "bad_skipped": [int(s.get("bad_skipped", 0)) for s in samples],

@@ -8,9 +8,7 @@ view records the crop box and flip it was made with, and `align_views` resamples
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,14 +17,10 @@ MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])
 
 # Luma weights (ITU-R BT.601), used for greyscale in contrast/saturation jitter.
-_GRAY_NP = np.array([0.299, 0.587, 0.114])
-_GRAY_ROW = torch.tensor(_GRAY_NP, dtype=torch.float32).view(1, 1, 3)
+_GRAY = torch.tensor([0.299, 0.587, 0.114])
 # RGB <-> YIQ: hue jitter is a rotation of the (I, Q) chroma plane.
-_RGB2YIQ_NP = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB_NP = np.linalg.inv(_RGB2YIQ_NP)
-# normalize() as one fused multiply-add: (x - mean) / std = x * (1 / std) - mean / std.
-_NORM_SCALE = (1 / STD).view(1, 3, 1, 1)
-_NORM_SHIFT = (-MEAN / STD).view(1, 3, 1, 1)
+_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
 def normalize(img: Tensor) -> Tensor:
@@ -43,130 +37,73 @@ def denormalize(x: Tensor) -> Tensor:
     return (x * std + mean).clamp(0.0, 1.0)
 
 
-def crop_box(
-    height: int, width: int, min_scale: float, u: Sequence[float]
+def _uniform(generator: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def sample_crop_box(
+    height: int, width: int, min_scale: float, generator: torch.Generator
 ) -> tuple[int, int, int, int]:
-    """Random-resized-crop box (x0, y0, x1, y1) in integer pixels, inside the image.
-
-    `u` holds four uniform [0, 1) numbers: area scale, aspect ratio, left and top.
-    """
+    """Random-resized-crop box (x0, y0, x1, y1) in integer pixels, inside the image."""
     area = height * width
-    scale = min_scale + (1.0 - min_scale) * u[0]
-    ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[1])
-    w = min(max(int(round(math.sqrt(area * scale * ratio))), 1), width)
-    h = min(max(int(round(math.sqrt(area * scale / ratio))), 1), height)
-    x0 = min(int(u[2] * (width - w + 1)), width - w)
-    y0 = min(int(u[3] * (height - h + 1)), height - h)
+    scale = _uniform(generator, min_scale, 1.0)
+    log_ratio = _uniform(generator, math.log(3 / 4), math.log(4 / 3))
+    ratio = math.exp(log_ratio)
+    w = int(round(math.sqrt(area * scale * ratio)))
+    h = int(round(math.sqrt(area * scale / ratio)))
+    w = min(max(w, 1), width)
+    h = min(max(h, 1), height)
+    x0 = int(torch.randint(0, width - w + 1, (), generator=generator))
+    y0 = int(torch.randint(0, height - h + 1, (), generator=generator))
     return x0, y0, x0 + w, y0 + h
-
-
-def _crop(image: Tensor, box: tuple[int, int, int, int]) -> Tensor:
-    """1x3xhxw crop; an interleaved uint8 image (as decoded) is copied row by row in numpy,
-    several times faster than torch's strided copy, into the channels-last layout that
-    torch's uint8 resize needs."""
-    x0, y0, x1, y1 = box
-    interleaved = image.permute(1, 2, 0)
-    if image.dtype == torch.uint8 and interleaved.is_contiguous():
-        rows = np.ascontiguousarray(interleaved.numpy()[y0:y1, x0:x1])
-        return torch.from_numpy(rows).permute(2, 0, 1).unsqueeze(0)
-    return image[:, y0:y1, x0:x1].unsqueeze(0)
 
 
 def crop_view(
     image: Tensor, box: tuple[int, int, int, int], size: int, flip: bool
-) -> tuple[Tensor, tuple[float, float, float, float]]:
-    """Crop pixel box (x0, y0, x1, y1) of a 3xHxW image, resize to size^2, maybe flip.
+) -> tuple[Tensor, Tensor]:
+    """Crop pixel box (x0, y0, x1, y1) of a float 3xHxW image, resize to size^2, maybe flip.
 
-    A uint8 image stays uint8 (torch's vectorised antialiased uint8 resize is several times
-    faster than float on CPU, and the pixels were 8-bit to begin with); a float image is
-    resized in float. Returns the view, in the image's dtype, and the box in [0,1]
-    coordinates of the original image; the pixel box edges map to the view's edges, which
-    is the geometry `align_views` assumes.
+    Returns the view and the box in [0,1] coordinates of the original image; the pixel
+    box edges map to the view's edges, which is the geometry `align_views` assumes.
     """
     height, width = image.shape[-2:]
     x0, y0, x1, y1 = box
+    crop = image[:, y0:y1, x0:x1].unsqueeze(0)
     view = F.interpolate(
-        _crop(image, box), size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )[0]
+        crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    view = view[0]
     if flip:
         view = view.flip(-1)
-    return view, (x0 / width, y0 / height, x1 / width, y1 / height)
+    unit = torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height], dtype=torch.float32)
+    return view, unit
 
 
-# Hue rotation by angle h in YIQ, as an RGB matrix: _HUE_A + cos(h) _HUE_COS + sin(h) _HUE_SIN.
-_HUE_A = np.outer(_YIQ2RGB_NP[:, 0], _RGB2YIQ_NP[0]).tolist()
-_HUE_COS = (_YIQ2RGB_NP[:, 1:] @ _RGB2YIQ_NP[1:]).tolist()
-_HUE_SIN = (_YIQ2RGB_NP[:, 1:] @ np.array([[0.0, -1.0], [1.0, 0.0]]) @ _RGB2YIQ_NP[1:]).tolist()
-_GRAY_LIST = _GRAY_NP.tolist()
+def color_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tensor:
+    """Brightness, contrast, saturation and hue jitter of a float [0,1] 3xHxW image."""
+    if strength <= 0:
+        return x
+    brightness = _uniform(generator, 1 - strength, 1 + strength)
+    contrast = _uniform(generator, 1 - strength, 1 + strength)
+    saturation = _uniform(generator, 1 - strength, 1 + strength)
+    # A full hue circle is too much for "the same scene": a quarter of strength, in turns.
+    hue = _uniform(generator, -strength / 4, strength / 4) * 2 * math.pi
+    gray_w = _GRAY.to(x.dtype).view(3, 1, 1)
 
-
-def jitter_params(strength: float, u: Sequence[Sequence[float]]) -> tuple[Tensor, Tensor]:
-    """Colour jitter of B images as one affine map each, from 4 uniform [0, 1) draws each.
-
-    Brightness b (x -> b x), contrast c (x -> c x + (1 - c) mean grey), saturation s
-    (x -> s x + (1 - s) grey, a 3x3 matrix S) and hue (a rotation H of the YIQ chroma plane)
-    compose to `x -> A x + k mean_grey(x)` with A = c b H S and k = (1 - c) b, because S and
-    H leave grey unchanged. Returns (A: B x 3 x 3, k: B x 1 x 1). Plain Python floats: on
-    3x3 matrices numpy's or torch's per-call overhead costs more than the arithmetic.
-    """
-    rows = []
-    for ub, uc, us, uh in u:
-        b = 1 + strength * (2 * ub - 1)
-        c = 1 + strength * (2 * uc - 1)
-        sat = 1 + strength * (2 * us - 1)
-        # A full hue circle is too much for "the same scene": a quarter of strength, in turns.
-        hue = (2 * uh - 1) * (strength / 4) * 2 * math.pi
-        cos, sin = math.cos(hue), math.sin(hue)
-        h = [
-            [a + cos * p + sin * q for a, p, q in zip(ra, rp, rq, strict=True)]
-            for ra, rp, rq in zip(_HUE_A, _HUE_COS, _HUE_SIN, strict=True)
-        ]
-        # (H S)[i][j] = sat H[i][j] + (1 - sat) (sum_m H[i][m]) grey[j]
-        a_rows = []
-        for hi in h:
-            row_sum = (1 - sat) * sum(hi)
-            a_rows.append(
-                [c * b * (sat * hij + row_sum * g) for hij, g in zip(hi, _GRAY_LIST, strict=True)]
-            )
-        rows.append([[*a_row, (1 - c) * b] for a_row in a_rows])
-    table = torch.tensor(rows, dtype=torch.float32)  # B x 3 x 4: A | k
-    return table[:, :, :3], table[:, :1, 3:]
-
-
-def color_jitter(x: Tensor, params: tuple[Tensor, Tensor]) -> Tensor:
-    """Brightness, contrast, saturation and hue jitter of float [0,1] images, B x 3 x H x W.
-
-    `params` comes from `jitter_params`: the four jitters are applied as one affine colour
-    map and clamped to [0, 1] once at the end (torchvision clamps after each; that differs
-    only for pixels pushed out of range midway, and each clamp is an extra pass). The
-    batch goes through at once: at view sizes per-operation overhead is what costs.
-    """
-    a, k = params
-    b, c, h, w = x.shape
-    flat = x.reshape(b, c, h * w)
-    mean_grey = _GRAY_ROW @ flat.mean(-1, keepdim=True)
-    return torch.baddbmm(mean_grey * k, a, flat).clamp_(0, 1).view(b, c, h, w)
+    x = (x * brightness).clamp(0, 1)
+    mean = (x * gray_w).sum(0).mean()
+    x = ((x - mean) * contrast + mean).clamp(0, 1)
+    gray = (x * gray_w).sum(0, keepdim=True)
+    x = (gray + (x - gray) * saturation).clamp(0, 1)
+    cos, sin = math.cos(hue), math.sin(hue)
+    rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], dtype=x.dtype)
+    matrix = _YIQ2RGB.to(x.dtype) @ rot @ _RGB2YIQ.to(x.dtype)
+    x = torch.einsum("ij,jhw->ihw", matrix, x)
+    return x.clamp(0, 1)
 
 
 class PairTransform:
-    """Two random views of one image, with the crop box and flip each came from.
-
-    Works in two stages, so that the per-image work is only the geometry:
-
-    - `__call__(image, generator)`, per image (in a loader worker): crops, resizes and
-      flips both views and draws their colour jitter. Returns {"views": 2 x 3 x S x S in
-      the image's dtype (uint8 for decoded images), "geometry": float 2 x 5, "colour":
-      float 2 x 4}. A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1]
-      coordinates of the image, then 1.0 if the view was flipped; a colour row holds the
-      uniform draws `jitter_params` turns into the view's colour jitter.
-    - `finish(views, colour)`, per batch (B x 2 x ...): applies the colour jitter and the
-      normalisation to all views at once. At view sizes an operation's fixed overhead
-      costs more than its arithmetic, so once per batch instead of once per image halves
-      the cost of a sample.
-    """
-
-    # Uniform numbers per view: crop (scale, ratio, left, top), flip, jitter (4).
-    _DRAWS = 9
+    """Two random views of one image, each with the crop box and flip it came from."""
 
     def __init__(
         self, image_size: int, crop_min_scale: float = 0.5, jitter: float = 0.4, flip: bool = True
@@ -178,34 +115,27 @@ class PairTransform:
         self.jitter = jitter
         self.flip = flip
 
-    def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """3xHxW image -> {"views", "geometry", "colour"} (see the class docstring)."""
+    def _view(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         height, width = image.shape[-2:]
-        # One draw for both views: a generator call costs more than the arithmetic it feeds.
-        u = torch.rand(2, self._DRAWS, generator=generator, dtype=torch.float64)
-        views, geometry = [], []
-        for draws in u.tolist():
-            box = crop_box(height, width, self.crop_min_scale, draws[:4])
-            flip = self.flip and draws[4] < 0.5
-            view, unit = crop_view(image, box, self.image_size, flip)
-            views.append(view)
-            geometry.append([*unit, float(flip)])
-        return {
-            "views": torch.stack(views),
-            "geometry": torch.tensor(geometry, dtype=torch.float32),
-            "colour": u[:, 5:],
-        }
+        box = sample_crop_box(height, width, self.crop_min_scale, generator)
+        flip = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+        view, unit_box = crop_view(image, box, self.image_size, flip)
+        view = color_jitter(view, self.jitter, generator)
+        return normalize(view), unit_box, torch.tensor(flip)
 
-    def finish(self, views: Tensor, colour: Tensor) -> Tensor:
-        """B x 2 x 3 x S x S views (uint8 or float [0, 1]) + B x 2 x 4 colour draws ->
-        jittered, ImageNet-normalised float views of the same shape."""
-        b, n, c, h, w = views.shape
-        x = views.reshape(b * n, c, h, w).float()
-        if views.dtype == torch.uint8:
-            x = x.mul_(1 / 255)
-        if self.jitter > 0:
-            x = color_jitter(x, jitter_params(self.jitter, colour.reshape(b * n, -1).tolist()))
-        return torch.addcmul(_NORM_SHIFT, x, _NORM_SCALE).view(b, n, c, h, w)
+    def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """uint8 3xHxW -> {view1, view2, box1, box2, flip1, flip2}."""
+        x = image.float() / 255.0
+        view1, box1, flip1 = self._view(x, generator)
+        view2, box2, flip2 = self._view(x, generator)
+        return {
+            "view1": view1,
+            "view2": view2,
+            "box1": box1,
+            "box2": box2,
+            "flip1": flip1,
+            "flip2": flip2,
+        }
 
 
 def _axis_grid(
