@@ -122,7 +122,7 @@ class Predictor:
         self.output = output
         self.overlay = overlay
         self.skip = skip
-        self.raw = image_encoding == "raw"
+        self.image_encoding = image_encoding
 
     def _segment(self, image):
         """uint8 3xHxW -> (uint8 HxW cluster ids, float 3xHxW image in [0, 1])."""
@@ -143,7 +143,7 @@ class Predictor:
         return mask, rgb[0]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from san.data import decode_image, decode_raw, encode_png
+        from san.data import decode_image, decode_stored, encode_png
         from san.viz import overlay_panel
 
         ids = [str(i) for i in batch["id"]]
@@ -155,11 +155,14 @@ class Predictor:
                 continue
             if "image" not in batch:
                 image = decode_image(storage.read_bytes(str(batch["url"][index])), sample_id)
-            elif self.raw:
-                height, width = int(batch["height"][index]), int(batch["width"][index])
-                image = decode_raw(bytes(batch["image"][index]), height, width, sample_id)
             else:
-                image = decode_image(bytes(batch["image"][index]), sample_id)
+                image = decode_stored(
+                    bytes(batch["image"][index]),
+                    self.image_encoding,
+                    int(batch["height"][index]),
+                    int(batch["width"][index]),
+                    sample_id,
+                )
             mask, rgb = self._segment(image)
             if self.overlay:
                 panel = overlay_panel(rgb.unsqueeze(0), mask.unsqueeze(0).long())

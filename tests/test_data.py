@@ -37,10 +37,12 @@ from san.data.shards import SCHEMA, encode_png
 from san.data.transforms import (
     PairTransform,
     align_views,
+    color_jitter,
     crop_view,
     denormalize,
     eval_transform,
     normalize,
+    sample_jitter,
 )
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -74,22 +76,48 @@ def test_pair_transform_shapes_and_determinism() -> None:
     a = pair(img, torch.Generator().manual_seed(7))
     b = pair(img, torch.Generator().manual_seed(7))
     c = pair(img, torch.Generator().manual_seed(8))
-    assert set(a) == {"view1", "view2", "box1", "box2", "flip1", "flip2"}
-    for key in ("view1", "view2"):
-        assert a[key].shape == (3, 32, 32) and a[key].dtype == torch.float32
+    assert set(a) == {"views", "geometry", "jitter", "hue"}
+    assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.float32
+    assert a["jitter"].shape == (2, 3) and a["hue"].shape == (2, 3, 3)
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert not torch.equal(a["view1"], c["view1"])
-    for key in ("box1", "box2"):
-        box = a[key]
-        assert box.shape == (4,) and box.dtype == torch.float32
+    assert not torch.equal(a["views"], c["views"])
+    assert not torch.equal(a["jitter"][0], a["jitter"][1])
+    assert a["geometry"].shape == (2, 5) and a["geometry"].dtype == torch.float32
+    for box in a["geometry"][:, :4]:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
         assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
-    assert a["flip1"].dtype == torch.bool and a["flip1"].shape == ()
+    assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
+    views = pair.finish(a["views"].clone(), a["jitter"], a["hue"])
+    assert views.shape == (2, 3, 32, 32) and not torch.equal(views, normalize(a["views"][0]))
+
+
+def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
+    """color_jitter over a batch gives each image the four jitters in torchvision's order,
+    clamped after each, as this plain per-image version does."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 20, 24, generator=generator)
+    factors, hues = zip(*(sample_jitter(0.4, generator) for _ in range(6)), strict=True)
+    batched = color_jitter(x.clone(), torch.stack(factors), torch.stack(hues))
+    gray_w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+    for image, (brightness, contrast, saturation), hue, got in zip(
+        x, factors, hues, batched, strict=True
+    ):
+        y = (image * brightness).clamp(0, 1)
+        mean = (y * gray_w).sum(0).mean()
+        y = ((y - mean) * contrast + mean).clamp(0, 1)
+        gray = (y * gray_w).sum(0, keepdim=True)
+        y = (gray + (y - gray) * saturation).clamp(0, 1)
+        y = torch.einsum("ij,jhw->ihw", hue, y).clamp(0, 1)
+        assert torch.allclose(got, y, atol=1e-6)
+        assert not torch.allclose(got, image, atol=1e-3)
+    # The hue matrix only rotates chroma: greys stay grey.
+    grey = torch.full((1, 3, 1, 1), 0.5)
+    assert torch.allclose(torch.einsum("ij,jhw->ihw", hues[0], grey[0]), grey[0], atol=1e-6)
 
 
 def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> None:
-    """PairLoader's batches hold the same values as default collation would."""
+    """PairLoader's batches hold each sample's views, finished one sample at a time."""
     train = train_pair_transform(DataConfig(image_size=16))
     img = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
     samples = [
@@ -97,19 +125,23 @@ def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> Non
          "bad_skipped": i}
         for i in range(3)
     ]  # fmt: skip
+    alone = [train.pair.finish(s["views"].clone(), s["jitter"], s["hue"]) for s in samples]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
         "geometry", "views"
     ]  # fmt: skip
     batch = unpack_pairs(packed)
-    expect = torch.utils.data.default_collate(samples)
-    assert set(batch) == set(expect)
-    for key, value in expect.items():
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(batch[key], value), key
-            assert batch[key].dtype == value.dtype, key
-        else:
-            assert batch[key] == value, key
+    assert set(batch) == {"view1", "view2", "box1", "box2", "flip1", "flip2", "id", "reader",
+                          "bad_skipped"}  # fmt: skip
+    for i, s in enumerate(samples):
+        assert torch.equal(batch["view1"][i], alone[i][0])
+        assert torch.equal(batch["view2"][i], alone[i][1])
+        assert torch.equal(batch["box1"][i], s["geometry"][0, :4])
+        assert torch.equal(batch["box2"][i], s["geometry"][1, :4])
+        assert batch["flip1"][i].item() == bool(s["geometry"][0, 4])
+    assert batch["flip1"].dtype == torch.bool and batch["view1"].shape == (3, 3, 16, 16)
+    assert batch["id"] == ["s0", "s1", "s2"]
+    assert batch["reader"].tolist() == [3, 3, 3] and batch["bad_skipped"].tolist() == [0, 1, 2]
 
 
 def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
@@ -145,13 +177,12 @@ def test_align_views_pair_transform_geometry() -> None:
     checked = 0
     for seed in range(12):
         out = pair(img, torch.Generator().manual_seed(seed))
-        aligned, mask = align_views(
-            out["view2"][None], out["box1"][None], out["flip1"][None],
-            out["box2"][None], out["flip2"][None],
-        )  # fmt: skip
+        view1, view2 = pair.finish(out["views"], out["jitter"], out["hue"])
+        (box1, flip1), (box2, flip2) = ((g[:4], g[4:] > 0.5) for g in out["geometry"])
+        aligned, mask = align_views(view2[None], box1[None], flip1, box2[None], flip2)
         if mask.sum() < 50:
             continue
-        err = (denormalize(aligned[0]) - denormalize(out["view1"])).abs().amax(0)[mask[0]]
+        err = (denormalize(aligned[0]) - denormalize(view1)).abs().amax(0)[mask[0]]
         assert err.max().item() < 0.03, seed
         checked += 1
     assert checked >= 6

@@ -126,6 +126,8 @@ def test_shard_input_is_planned_and_predicted(tmp_path: Path) -> None:
     batch = {
         "id": np.array(["x", "y"], dtype=object),
         "image": np.array([s["image_bytes"] for s in samples[:2]], dtype=object),
+        "height": np.array([20, 20]),
+        "width": np.array([28, 28]),
     }
     assert list(predictor(batch)["status"]) == ["written", "written"]
     assert png_size((tmp_path / "out" / MASK_DIR / "y.png").read_bytes()) == (28, 20)

@@ -33,7 +33,7 @@ from san.data.cityscapes import Cityscapes27
 from san.data.cocostuff import CocoStuff27
 from san.data.folder import FolderDataset
 from san.data.potsdam import Potsdam, Potsdam3
-from san.data.shards import ShardDataset, write_shards
+from san.data.shards import ShardDataset, decode_stored, write_shards
 from san.data.synthetic import SyntheticScenes
 from san.data.transforms import PairTransform, eval_transform
 
@@ -54,6 +54,7 @@ __all__ = [
     "decode_image",
     "decode_label",
     "decode_raw",
+    "decode_stored",
     "encode_png",
     "eval_sample_transform",
     "sample_seed",
@@ -185,7 +186,7 @@ class StreamDataset(IterableDataset):
 
 
 class TrainPairTransform:
-    """sample -> PairTransform views + "id"; `collate` packs a batch of them.
+    """sample -> PairTransform's per-image stage + "id"; `collate` finishes and packs a batch.
 
     Labels are dropped (training is unsupervised), so sources are told not to read them.
     """
@@ -200,31 +201,25 @@ class TrainPairTransform:
         out["id"] = sample["id"]
         return out
 
-    @staticmethod
-    def collate(samples: list[dict]) -> dict:
-        """Samples -> {"views": float B x 2 x 3 x S x S, "geometry": B x 2 x 5 (box in [0, 1]
-        coordinates, then 1.0 if flipped), "id", "reader", "bad_skipped"}: two tensors and
-        plain lists.
+    def collate(self, samples: list[dict]) -> dict:
+        """Samples -> {"views": float B x 2 x 3 x S x S, jittered and normalised,
+        "geometry": B x 2 x 5 (box in [0, 1] coordinates, then 1.0 if flipped), "id",
+        "reader", "bad_skipped"}: two tensors and plain lists.
 
-        Runs in the loader worker. The worker hands each tensor of a batch to the
-        training process through its own shared-memory segment, about half a millisecond
-        apiece on CPU hosts, and default collation of the Trainer's keys makes eight.
-        `unpack_pairs` gives the Trainer its keys back.
+        Runs in the loader worker, where the batch's colour jitter is applied at once
+        (`PairTransform.finish`). The worker hands each tensor of a batch to the training
+        process through its own shared-memory segment, about half a millisecond apiece on
+        CPU hosts, so a batch crosses as two tensors; `unpack_pairs` gives the Trainer its
+        keys back.
         """
-        views = torch.stack([torch.stack([s["view1"], s["view2"]]) for s in samples])
-        geometry = torch.tensor(
-            [
-                [
-                    [*s["box1"].tolist(), float(s["flip1"])],
-                    [*s["box2"].tolist(), float(s["flip2"])],
-                ]
-                for s in samples
-            ],
-            dtype=torch.float32,
+        views = self.pair.finish(
+            torch.cat([s["views"] for s in samples]),
+            torch.cat([s["jitter"] for s in samples]),
+            torch.cat([s["hue"] for s in samples]),
         )
         return {
-            "views": views,
-            "geometry": geometry,
+            "views": views.view(len(samples), 2, *views.shape[1:]),
+            "geometry": torch.stack([s["geometry"] for s in samples]),
             "id": [s.get("id") for s in samples],
             "reader": [int(s.get("reader", 0)) for s in samples],
             "bad_skipped": [int(s.get("bad_skipped", 0)) for s in samples],

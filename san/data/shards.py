@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from torch import Tensor
 
 from san.data.base import (
     DataError,
@@ -41,7 +42,14 @@ from san.data.base import (
 )
 from san.storage import ForkSafeFilesystem, filesystem
 
-__all__ = ["IMAGE_ENCODINGS", "SCHEMA", "ShardDataset", "encode_png", "write_shards"]
+__all__ = [
+    "IMAGE_ENCODINGS",
+    "SCHEMA",
+    "ShardDataset",
+    "decode_stored",
+    "encode_png",
+    "write_shards",
+]
 
 SCHEMA = pa.schema(
     [
@@ -83,6 +91,13 @@ def raw_pixels(record: dict) -> bytes:
             f"says {record['width']}x{record['height']} (width x height)"
         )
     return image.permute(1, 2, 0).numpy().tobytes()
+
+
+def decode_stored(data: bytes, encoding: str, height: int, width: int, sample_id: str) -> Tensor:
+    """A shard row's `image` column -> uint8 3xHxW, by the manifest's `image_encoding`."""
+    if encoding == "raw":
+        return decode_raw(data, height, width, sample_id)
+    return decode_image(data, sample_id)
 
 
 def _table_bytes(rows: list[dict], image_encoding: str) -> bytes:
@@ -248,10 +263,9 @@ class ShardDataset(ForkSafeFilesystem):
 
     def _decode(self, row: dict) -> dict:
         sample_id = row["id"]
-        if self.image_encoding == "raw":
-            image = decode_raw(row["image"], row["height"], row["width"], sample_id)
-        else:
-            image = decode_image(row["image"], sample_id)
+        image = decode_stored(
+            row["image"], self.image_encoding, row["height"], row["width"], sample_id
+        )
         label = None
         if self.load_labels and row.get("label") is not None:
             label = decode_label(row["label"], sample_id)

@@ -61,14 +61,17 @@ def sample_crop_box(
 def crop_view(
     image: Tensor, box: tuple[int, int, int, int], size: int, flip: bool
 ) -> tuple[Tensor, Tensor]:
-    """Crop pixel box (x0, y0, x1, y1) of a float 3xHxW image, resize to size^2, maybe flip.
+    """Crop pixel box (x0, y0, x1, y1) of a 3xHxW image, resize to size^2, maybe flip.
 
-    Returns the view and the box in [0,1] coordinates of the original image; the pixel
-    box edges map to the view's edges, which is the geometry `align_views` assumes.
+    A uint8 image is cropped before it becomes float in [0, 1] (the same values as
+    converting the whole image first, for a fraction of the work). Returns the float view
+    and the box in [0,1] coordinates of the original image; the pixel box edges map to the
+    view's edges, which is the geometry `align_views` assumes.
     """
     height, width = image.shape[-2:]
     x0, y0, x1, y1 = box
     crop = image[:, y0:y1, x0:x1].unsqueeze(0)
+    crop = crop.float().div_(255.0) if crop.dtype == torch.uint8 else crop.float()
     view = F.interpolate(
         crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
@@ -79,31 +82,55 @@ def crop_view(
     return view, unit
 
 
-def color_jitter(x: Tensor, strength: float, generator: torch.Generator) -> Tensor:
-    """Brightness, contrast, saturation and hue jitter of a float [0,1] 3xHxW image."""
-    if strength <= 0:
-        return x
+def sample_jitter(strength: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Draw one view's colour jitter: (brightness, contrast, saturation) factors (3,) and
+    the 3x3 RGB matrix of its hue rotation, for `color_jitter`."""
     brightness = _uniform(generator, 1 - strength, 1 + strength)
     contrast = _uniform(generator, 1 - strength, 1 + strength)
     saturation = _uniform(generator, 1 - strength, 1 + strength)
     # A full hue circle is too much for "the same scene": a quarter of strength, in turns.
     hue = _uniform(generator, -strength / 4, strength / 4) * 2 * math.pi
-    gray_w = _GRAY.to(x.dtype).view(3, 1, 1)
-
-    x = (x * brightness).clamp(0, 1)
-    mean = (x * gray_w).sum(0).mean()
-    x = ((x - mean) * contrast + mean).clamp(0, 1)
-    gray = (x * gray_w).sum(0, keepdim=True)
-    x = (gray + (x - gray) * saturation).clamp(0, 1)
     cos, sin = math.cos(hue), math.sin(hue)
-    rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]], dtype=x.dtype)
-    matrix = _YIQ2RGB.to(x.dtype) @ rot @ _RGB2YIQ.to(x.dtype)
-    x = torch.einsum("ij,jhw->ihw", matrix, x)
-    return x.clamp(0, 1)
+    rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]])
+    factors = torch.tensor([brightness, contrast, saturation])
+    return factors, _YIQ2RGB @ rot @ _RGB2YIQ
+
+
+def color_jitter(x: Tensor, factors: Tensor, hue: Tensor) -> Tensor:
+    """Brightness, contrast, saturation and hue jitter of float [0,1] images, in place.
+
+    x: B x 3 x H x W; factors: B x 3 and hue: B x 3 x 3, one row per image, from
+    `sample_jitter`. Clamped to [0, 1] after each of the four, as torchvision does. All
+    images go through each operation at once: at view sizes an operation's fixed
+    overhead costs more than its arithmetic.
+    """
+    b = x.shape[0]
+    brightness, contrast, saturation = factors.to(x.dtype).view(b, 3, 1, 1, 1).unbind(1)
+    gray_w = _GRAY.to(x.dtype).view(1, 3, 1, 1)
+    x = x.mul_(brightness).clamp_(0, 1)
+    mean = (x * gray_w).sum(1).mean((1, 2)).view(b, 1, 1, 1)
+    x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 1)
+    gray = (x * gray_w).sum(1, keepdim=True)
+    x = x.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 1)
+    return torch.einsum("bij,bjhw->bihw", hue.to(x.dtype), x).clamp_(0, 1)
 
 
 class PairTransform:
-    """Two random views of one image, each with the crop box and flip it came from."""
+    """Two random views of one image, with the crop box, flip and colour jitter of each.
+
+    Works in two stages, so that colour work is done once per batch:
+
+    - `__call__(image, generator)`, per image: draws both views' random numbers (in the
+      order a view-at-a-time loop would), crops, resizes and flips. Returns {"views": float
+      [0, 1] 2 x 3 x S x S, not yet jittered, "geometry": 2 x 5, "jitter": 2 x 3, "hue":
+      2 x 3 x 3}. A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1]
+      coordinates of the image, then 1.0 if the view was flipped; jitter and hue are the
+      view's `sample_jitter` draws.
+    - `finish(views, jitter, hue)`, per batch (N x ...): colour jitter and normalisation.
+
+    The views are the same floats as jittering and normalising each view on its own
+    (tested), so batching changes speed, not training.
+    """
 
     def __init__(
         self, image_size: int, crop_min_scale: float = 0.5, jitter: float = 0.4, flip: bool = True
@@ -115,27 +142,37 @@ class PairTransform:
         self.jitter = jitter
         self.flip = flip
 
-    def _view(self, image: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        height, width = image.shape[-2:]
+    def _draw(
+        self, height: int, width: int, generator: torch.Generator
+    ) -> tuple[tuple[int, int, int, int], bool, tuple[Tensor, Tensor]]:
         box = sample_crop_box(height, width, self.crop_min_scale, generator)
         flip = self.flip and bool(torch.rand((), generator=generator) < 0.5)
-        view, unit_box = crop_view(image, box, self.image_size, flip)
-        view = color_jitter(view, self.jitter, generator)
-        return normalize(view), unit_box, torch.tensor(flip)
+        if self.jitter > 0:
+            return box, flip, sample_jitter(self.jitter, generator)
+        return box, flip, (torch.ones(3), torch.eye(3))
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """uint8 3xHxW -> {view1, view2, box1, box2, flip1, flip2}."""
-        x = image.float() / 255.0
-        view1, box1, flip1 = self._view(x, generator)
-        view2, box2, flip2 = self._view(x, generator)
+        """3xHxW image (uint8, or float in [0, 1]) -> {"views", "geometry", "jitter", "hue"}."""
+        height, width = image.shape[-2:]
+        draws = [self._draw(height, width, generator) for _ in range(2)]
+        views, geometry = [], []
+        for box, flip, _ in draws:
+            view, unit = crop_view(image, box, self.image_size, flip)
+            views.append(view)
+            geometry.append(torch.cat([unit, torch.tensor([float(flip)])]))
         return {
-            "view1": view1,
-            "view2": view2,
-            "box1": box1,
-            "box2": box2,
-            "flip1": flip1,
-            "flip2": flip2,
+            "views": torch.stack(views),
+            "geometry": torch.stack(geometry),
+            "jitter": torch.stack([factors for _, _, (factors, _) in draws]),
+            "hue": torch.stack([hue for _, _, (_, hue) in draws]),
         }
+
+    def finish(self, views: Tensor, jitter: Tensor, hue: Tensor) -> Tensor:
+        """N x 3 x S x S views from `__call__` (+ their N x 3 jitter, N x 3 x 3 hue) ->
+        jittered, ImageNet-normalised views. Overwrites `views` (they are scratch)."""
+        if self.jitter > 0:
+            views = color_jitter(views, jitter, hue)
+        return views.sub_(MEAN.view(1, 3, 1, 1)).div_(STD.view(1, 3, 1, 1))
 
 
 def _axis_grid(
