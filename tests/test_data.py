@@ -41,8 +41,9 @@ from san.data.transforms import (
     crop_view,
     denormalize,
     eval_transform,
+    hue_matrices,
+    jitter_params,
     normalize,
-    sample_jitter,
 )
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
@@ -76,9 +77,9 @@ def test_pair_transform_shapes_and_determinism() -> None:
     a = pair(img, torch.Generator().manual_seed(7))
     b = pair(img, torch.Generator().manual_seed(7))
     c = pair(img, torch.Generator().manual_seed(8))
-    assert set(a) == {"views", "geometry", "jitter", "hue"}
+    assert set(a) == {"views", "geometry", "jitter"}
     assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.float32
-    assert a["jitter"].shape == (2, 3) and a["hue"].shape == (2, 3, 3)
+    assert a["jitter"].shape == (2, 4)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["views"], c["views"])
@@ -88,7 +89,7 @@ def test_pair_transform_shapes_and_determinism() -> None:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
         assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
     assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
-    views = pair.finish(a["views"].clone(), a["jitter"], a["hue"])
+    views = pair.finish(a["views"].clone(), a["jitter"])
     assert views.shape == (2, 3, 32, 32) and not torch.equal(views, normalize(a["views"][0]))
 
 
@@ -97,23 +98,28 @@ def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
     clamped after each, as this plain per-image version does."""
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 20, 24, generator=generator)
-    factors, hues = zip(*(sample_jitter(0.4, generator) for _ in range(6)), strict=True)
-    batched = color_jitter(x.clone(), torch.stack(factors), torch.stack(hues))
+    jitter = torch.tensor(
+        [jitter_params(0.4, torch.rand(4, generator=generator).tolist()) for _ in range(6)],
+        dtype=torch.float64,
+    )
+    batched = color_jitter(x.clone(), jitter)
     gray_w = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
-    for image, (brightness, contrast, saturation), hue, got in zip(
-        x, factors, hues, batched, strict=True
+    for image, (brightness, contrast, saturation, angle), got in zip(
+        x, jitter.tolist(), batched, strict=True
     ):
+        assert 0.6 <= min(brightness, contrast, saturation) <= 1.4 and abs(angle) <= 0.2 * math.pi
         y = (image * brightness).clamp(0, 1)
         mean = (y * gray_w).sum(0).mean()
         y = ((y - mean) * contrast + mean).clamp(0, 1)
         gray = (y * gray_w).sum(0, keepdim=True)
         y = (gray + (y - gray) * saturation).clamp(0, 1)
-        y = torch.einsum("ij,jhw->ihw", hue, y).clamp(0, 1)
+        y = torch.einsum("ij,jhw->ihw", hue_matrices([angle])[0], y).clamp(0, 1)
         assert torch.allclose(got, y, atol=1e-6)
         assert not torch.allclose(got, image, atol=1e-3)
-    # The hue matrix only rotates chroma: greys stay grey.
-    grey = torch.full((1, 3, 1, 1), 0.5)
-    assert torch.allclose(torch.einsum("ij,jhw->ihw", hues[0], grey[0]), grey[0], atol=1e-6)
+    # The hue matrix only rotates chroma: greys stay grey, colours move.
+    hue = hue_matrices([0.5])[0]
+    assert torch.allclose(hue @ torch.full((3,), 0.5), torch.full((3,), 0.5), atol=1e-6)
+    assert not torch.allclose(hue @ torch.tensor([0.8, 0.2, 0.1]), torch.tensor([0.8, 0.2, 0.1]))
 
 
 def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> None:
@@ -125,7 +131,7 @@ def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> Non
          "bad_skipped": i}
         for i in range(3)
     ]  # fmt: skip
-    alone = [train.pair.finish(s["views"].clone(), s["jitter"], s["hue"]) for s in samples]
+    alone = [train.pair.finish(s["views"].clone(), s["jitter"]) for s in samples]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
         "geometry", "views"
@@ -177,7 +183,7 @@ def test_align_views_pair_transform_geometry() -> None:
     checked = 0
     for seed in range(12):
         out = pair(img, torch.Generator().manual_seed(seed))
-        view1, view2 = pair.finish(out["views"], out["jitter"], out["hue"])
+        view1, view2 = pair.finish(out["views"], out["jitter"])
         (box1, flip1), (box2, flip2) = ((g[:4], g[4:] > 0.5) for g in out["geometry"])
         aligned, mask = align_views(view2[None], box1[None], flip1, box2[None], flip2)
         if mask.sum() < 50:

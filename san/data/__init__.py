@@ -213,9 +213,7 @@ class TrainPairTransform:
         keys back.
         """
         views = self.pair.finish(
-            torch.cat([s["views"] for s in samples]),
-            torch.cat([s["jitter"] for s in samples]),
-            torch.cat([s["hue"] for s in samples]),
+            torch.cat([s["views"] for s in samples]), torch.cat([s["jitter"] for s in samples])
         )
         return {
             "views": views.view(len(samples), 2, *views.shape[1:]),

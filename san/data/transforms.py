@@ -8,6 +8,7 @@ view records the crop box and flip it was made with, and `align_views` resamples
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +38,14 @@ def denormalize(x: Tensor) -> Tensor:
     return (x * std + mean).clamp(0.0, 1.0)
 
 
-def _uniform(generator: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=generator).item()
-
-
 def sample_crop_box(
     height: int, width: int, min_scale: float, generator: torch.Generator
 ) -> tuple[int, int, int, int]:
     """Random-resized-crop box (x0, y0, x1, y1) in integer pixels, inside the image."""
     area = height * width
-    scale = _uniform(generator, min_scale, 1.0)
-    log_ratio = _uniform(generator, math.log(3 / 4), math.log(4 / 3))
+    u_scale, u_ratio = torch.rand(2, generator=generator).tolist()
+    scale = min_scale + (1.0 - min_scale) * u_scale
+    log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u_ratio
     ratio = math.exp(log_ratio)
     w = int(round(math.sqrt(area * scale * ratio)))
     h = int(round(math.sqrt(area * scale / ratio)))
@@ -82,37 +80,42 @@ def crop_view(
     return view, unit
 
 
-def sample_jitter(strength: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Draw one view's colour jitter: (brightness, contrast, saturation) factors (3,) and
-    the 3x3 RGB matrix of its hue rotation, for `color_jitter`."""
-    brightness = _uniform(generator, 1 - strength, 1 + strength)
-    contrast = _uniform(generator, 1 - strength, 1 + strength)
-    saturation = _uniform(generator, 1 - strength, 1 + strength)
+def jitter_params(strength: float, uniforms: Sequence[float]) -> list[float]:
+    """Four uniform [0, 1) numbers -> one view's colour jitter: [brightness, contrast,
+    saturation, hue angle in radians], for `color_jitter`."""
+    low, high = 1 - strength, 1 + strength
+    brightness, contrast, saturation = (low + (high - low) * u for u in uniforms[:3])
     # A full hue circle is too much for "the same scene": a quarter of strength, in turns.
-    hue = _uniform(generator, -strength / 4, strength / 4) * 2 * math.pi
-    cos, sin = math.cos(hue), math.sin(hue)
-    rot = torch.tensor([[1, 0, 0], [0, cos, -sin], [0, sin, cos]])
-    factors = torch.tensor([brightness, contrast, saturation])
-    return factors, _YIQ2RGB @ rot @ _RGB2YIQ
+    turns = -strength / 4 + (strength / 2) * uniforms[3]
+    return [brightness, contrast, saturation, turns * 2 * math.pi]
 
 
-def color_jitter(x: Tensor, factors: Tensor, hue: Tensor) -> Tensor:
+def hue_matrices(angles: Sequence[float]) -> Tensor:
+    """N hue angles -> N x 3 x 3 RGB matrices rotating the (I, Q) chroma plane by each."""
+    rotations = [
+        [[1, 0, 0], [0, cos, -sin], [0, sin, cos]]
+        for cos, sin in ((math.cos(a), math.sin(a)) for a in angles)
+    ]
+    return _YIQ2RGB @ torch.tensor(rotations) @ _RGB2YIQ
+
+
+def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
     """Brightness, contrast, saturation and hue jitter of float [0,1] images, in place.
 
-    x: B x 3 x H x W; factors: B x 3 and hue: B x 3 x 3, one row per image, from
-    `sample_jitter`. Clamped to [0, 1] after each of the four, as torchvision does. All
-    images go through each operation at once: at view sizes an operation's fixed
-    overhead costs more than its arithmetic.
+    x: B x 3 x H x W; jitter: B x 4, one `jitter_params` row per image. Clamped to [0, 1]
+    after each of the four, as torchvision does. All images go through each operation at
+    once: at view sizes an operation's fixed overhead costs more than its arithmetic.
     """
     b = x.shape[0]
-    brightness, contrast, saturation = factors.to(x.dtype).view(b, 3, 1, 1, 1).unbind(1)
+    brightness, contrast, saturation = jitter[:, :3].to(x.dtype).view(b, 3, 1, 1, 1).unbind(1)
+    hue = hue_matrices(jitter[:, 3].tolist()).to(x.dtype)
     gray_w = _GRAY.to(x.dtype).view(1, 3, 1, 1)
     x = x.mul_(brightness).clamp_(0, 1)
     mean = (x * gray_w).sum(1).mean((1, 2)).view(b, 1, 1, 1)
     x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 1)
     gray = (x * gray_w).sum(1, keepdim=True)
     x = x.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 1)
-    return torch.einsum("bij,bjhw->bihw", hue.to(x.dtype), x).clamp_(0, 1)
+    return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)
 
 
 class PairTransform:
@@ -122,11 +125,10 @@ class PairTransform:
 
     - `__call__(image, generator)`, per image: draws both views' random numbers (in the
       order a view-at-a-time loop would), crops, resizes and flips. Returns {"views": float
-      [0, 1] 2 x 3 x S x S, not yet jittered, "geometry": 2 x 5, "jitter": 2 x 3, "hue":
-      2 x 3 x 3}. A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1]
-      coordinates of the image, then 1.0 if the view was flipped; jitter and hue are the
-      view's `sample_jitter` draws.
-    - `finish(views, jitter, hue)`, per batch (N x ...): colour jitter and normalisation.
+      [0, 1] 2 x 3 x S x S, not yet jittered, "geometry": 2 x 5, "jitter": float64 2 x 4}.
+      A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1] coordinates of the
+      image, then 1.0 if the view was flipped; a jitter row is the view's `jitter_params`.
+    - `finish(views, jitter)`, per batch (N x ...): colour jitter and normalisation.
 
     The views are the same floats as jittering and normalising each view on its own
     (tested), so batching changes speed, not training.
@@ -144,12 +146,15 @@ class PairTransform:
 
     def _draw(
         self, height: int, width: int, generator: torch.Generator
-    ) -> tuple[tuple[int, int, int, int], bool, tuple[Tensor, Tensor]]:
+    ) -> tuple[tuple[int, int, int, int], bool, list[float]]:
         box = sample_crop_box(height, width, self.crop_min_scale, generator)
-        flip = self.flip and bool(torch.rand((), generator=generator) < 0.5)
+        uniforms = torch.rand(
+            int(self.flip) + 4 * (self.jitter > 0), generator=generator, dtype=torch.float32
+        ).tolist()
+        flip = self.flip and uniforms.pop(0) < 0.5
         if self.jitter > 0:
-            return box, flip, sample_jitter(self.jitter, generator)
-        return box, flip, (torch.ones(3), torch.eye(3))
+            return box, flip, jitter_params(self.jitter, uniforms)
+        return box, flip, [1.0, 1.0, 1.0, 0.0]
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """3xHxW image (uint8, or float in [0, 1]) -> {"views", "geometry", "jitter", "hue"}."""
@@ -163,15 +168,14 @@ class PairTransform:
         return {
             "views": torch.stack(views),
             "geometry": torch.stack(geometry),
-            "jitter": torch.stack([factors for _, _, (factors, _) in draws]),
-            "hue": torch.stack([hue for _, _, (_, hue) in draws]),
+            "jitter": torch.tensor([jitter for _, _, jitter in draws], dtype=torch.float64),
         }
 
-    def finish(self, views: Tensor, jitter: Tensor, hue: Tensor) -> Tensor:
-        """N x 3 x S x S views from `__call__` (+ their N x 3 jitter, N x 3 x 3 hue) ->
-        jittered, ImageNet-normalised views. Overwrites `views` (they are scratch)."""
+    def finish(self, views: Tensor, jitter: Tensor) -> Tensor:
+        """N x 3 x S x S views from `__call__` (+ their N x 4 jitter) -> jittered,
+        ImageNet-normalised views. Overwrites `views` (they are scratch)."""
         if self.jitter > 0:
-            views = color_jitter(views, jitter, hue)
+            views = color_jitter(views, jitter)
         return views.sub_(MEAN.view(1, 3, 1, 1)).div_(STD.view(1, 3, 1, 1))
 
 
