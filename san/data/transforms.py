@@ -100,7 +100,7 @@ def hue_matrices(angles: Sequence[float]) -> Tensor:
 
 
 def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
-    """Brightness, contrast, saturation and hue jitter of float [0,1] images, in place.
+    """Brightness, contrast, saturation and hue jitter of float [0,1] images (overwrites x).
 
     x: B x 3 x H x W; jitter: B x 4, one `jitter_params` row per image. Clamped to [0, 1]
     after each of the four, as torchvision does. All images go through each operation at
@@ -157,7 +157,7 @@ class PairTransform:
         return box, flip, [1.0, 1.0, 1.0, 0.0]
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """3xHxW image (uint8, or float in [0, 1]) -> {"views", "geometry", "jitter", "hue"}."""
+        """3xHxW image (uint8, or float in [0, 1]) -> {"views", "geometry", "jitter"}."""
         height, width = image.shape[-2:]
         draws = [self._draw(height, width, generator) for _ in range(2)]
         views, geometry = [], []
