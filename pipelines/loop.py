@@ -191,18 +191,18 @@ def train_loop(loop_config: dict) -> None:
 
     model = create_model(cfg)
     state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+    registered = ray.train.get_checkpoint()
+    if registered is not None:
+        with registered.as_directory() as directory:
             state, _ = storage.load_checkpoint(directory)
-    else:
-        # Ray registered none, but a complete one may be in storage: a worker killed after
-        # its upload and before ray.train.report. Resuming from it loses no finished work.
-        found = storage.latest_complete_checkpoint(storage_url)
-        if found is not None:
-            state = found[1]
-            if rank == 0:
-                log.info("no checkpoint registered with Ray; using %s from storage", found[0])
+    # A newer complete checkpoint than Ray registered may be in storage: the run was killed
+    # after an upload and before Ray recorded it. Resuming from it loses no finished work.
+    newer_than = os.path.basename(registered.path.rstrip("/")) if registered else ""
+    found = storage.latest_complete_checkpoint(storage_url, newer_than=newer_than)
+    if found is not None:
+        state = found[1]
+        if rank == 0:
+            log.info("using %s from storage: newer than any checkpoint Ray registered", found[0])
     if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0

@@ -418,15 +418,17 @@ def is_complete_checkpoint(uri: str) -> bool:
     return True
 
 
-def latest_complete_checkpoint(run_url: str) -> tuple[str, dict, dict] | None:
+def latest_complete_checkpoint(run_url: str, newer_than: str = "") -> tuple[str, dict, dict] | None:
     """The newest verified checkpoint under a run folder: ``(uri, state, config)``, or None.
 
     Ray resumes from the checkpoints it registered; one written in full but not yet
     registered (the worker died between upload and report) would otherwise be lost work.
-    Incomplete or corrupt directories are skipped, never loaded.
+    Incomplete or corrupt directories are skipped, never loaded. Only directory names that
+    sort after ``newer_than`` (the name of a checkpoint already in hand) are read, so
+    confirming that nothing is newer costs a listing, not a download.
     """
     try:
-        names = [n for n in list_dir(run_url) if n.startswith("checkpoint_")]
+        names = [n for n in list_dir(run_url) if n.startswith("checkpoint_") and n > newer_than]
     except FileNotFoundError:
         return None
     for name in sorted(names, reverse=True):

@@ -351,3 +351,6 @@ def test_resume_fallback_skips_incomplete_and_corrupt_checkpoints(tmp_path, good
     (run / "checkpoint_0000015" / MANIFEST).unlink()  # upload cut short: no manifest
     uri, state, _ = latest_complete_checkpoint(str(run))
     assert uri == str(run / "checkpoint_0000005") and state["step"] == 5
+    # With step 5 in hand (registered with Ray), nothing newer is complete.
+    assert latest_complete_checkpoint(str(run), newer_than="checkpoint_0000005") is None
+    assert latest_complete_checkpoint(str(run), newer_than="checkpoint_0000004")[1]["step"] == 5

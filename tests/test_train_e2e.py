@@ -15,6 +15,8 @@ from mlflow.tracking import MlflowClient
 from sample_data import write_folder
 from services import pipeline_env
 
+from san import storage
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "configs" / "tiny.yaml"
 
@@ -101,8 +103,10 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
 
 
 def latest_complete_checkpoint(run_dir: Path) -> int:
-    steps = [int(p.parent.name.split("_")[1]) for p in run_dir.glob("checkpoint_*/MANIFEST.json")]
-    return max(steps, default=0)
+    """The newest step whose checkpoint is complete (a manifest alone is not enough: Ray
+    copies a checkpoint's files in no set order, and a kill can land between them)."""
+    found = storage.latest_complete_checkpoint(str(run_dir))
+    return found[1]["step"] if found else 0
 
 
 def test_interrupted_run_resumes_at_saved_step(tmp_path):
