@@ -32,7 +32,6 @@ from san.data import (
 from san.data.transforms import denormalize
 from san.engine import Trainer, apply_memory_format, evaluate, seed_everything
 from san.metrics import linear_probe, random_assignment_scores, scalar_metrics, segmentation_scores
-from san.models import create_model
 from san.viz import confusion_plot, overlay_panel
 
 log = logging.getLogger("san")
@@ -188,6 +187,10 @@ def train_loop(loop_config: dict) -> None:
     log.info("worker rank %d of %d: pid %d on %s", rank, world_size, os.getpid(), device)
     torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     seed_everything(cfg.run.seed)  # same init on every rank; DDP also broadcasts rank 0's
+
+    # Imported here, not at the top: timm costs drivers (train.py, tune.py, each Tune trial)
+    # about 4 s of start-up, and only workers build a model.
+    from san.models import create_model
 
     model = create_model(cfg)
     state = None
