@@ -195,17 +195,18 @@ def train_loop(loop_config: dict) -> None:
     model = create_model(cfg)
     state = None
     registered = ray.train.get_checkpoint()
-    if registered is not None:
-        with registered.as_directory() as directory:
-            state, _ = storage.load_checkpoint(directory)
     # A newer complete checkpoint than Ray registered may be in storage: the run was killed
     # after an upload and before Ray recorded it. Resuming from it loses no finished work.
+    # Looked for first, so Ray's older one is downloaded only when it is the one used.
     newer_than = os.path.basename(registered.path.rstrip("/")) if registered else ""
     found = storage.latest_complete_checkpoint(storage_url, newer_than=newer_than)
     if found is not None:
         state = found[1]
         if rank == 0:
             log.info("using %s from storage: newer than any checkpoint Ray registered", found[0])
+    elif registered is not None:
+        with registered.as_directory() as directory:
+            state, _ = storage.load_checkpoint(directory)
     if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0

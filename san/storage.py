@@ -424,7 +424,7 @@ def latest_complete_checkpoint(run_url: str, newer_than: str = "") -> tuple[str,
     Ray resumes from the checkpoints it registered; one written in full but not yet
     registered (the worker died between upload and report) would otherwise be lost work.
     Incomplete or corrupt directories are skipped, never loaded. Only directory names that
-    sort after ``newer_than`` (the name of a checkpoint already in hand) are read, so
+    sort after ``newer_than`` (the name of the checkpoint Ray registered) are read, so
     confirming that nothing is newer costs a listing, not a download.
     """
     try:
