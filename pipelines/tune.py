@@ -39,6 +39,7 @@ from pipelines.common import (  # noqa: E402
     print_result,
     resolve_storage,
     run_main,
+    setup_logging,
 )
 from pipelines.spaces import (  # noqa: E402
     Space,
@@ -91,10 +92,18 @@ def run_trial(sampled: dict, sweep: dict) -> None:
     from pipelines import tracking
     from pipelines.train import build_trainer
 
+    setup_logging()  # this runs in a Tune actor: its log lines reach the sweep's terminal
     space: Space = sweep["space"]
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(sweep["base"], space, sampled, sweep["name"], trial_id)
     storage = trial_storage(sweep["storage"], sweep["name"])
+    finished = finished_trial_result(cfg, storage)
+    if finished is not None:
+        # An earlier attempt of this trial finished, but the sweep was interrupted before
+        # Tune recorded it: hand Tune that result instead of reopening the finished run.
+        log.info("trial %s finished in an earlier attempt: reporting its result", trial_id)
+        ray.tune.report(finished)
+        return
     run_id, resumed = tracking.start_run(cfg, storage, parent_run_id=sweep["parent_run_id"])
     mlflow_client = tracking.client()
     mlflow_client.set_tag(run_id, "san.trial_id", trial_id)
@@ -110,6 +119,26 @@ def run_trial(sampled: dict, sweep: dict) -> None:
         raise
     mlflow_client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
     tracking.end_run(run_id, "FINISHED")
+
+
+def finished_trial_result(cfg: Config, storage: str) -> dict[str, Any] | None:
+    """The final result of a trial whose MLflow run an earlier attempt closed as completed,
+    with a complete checkpoint at its last step; None when the trial still has work to do."""
+    from pipelines import tracking
+    from pipelines.loop import checkpoint_name
+    from san.storage import is_complete_checkpoint, join
+
+    run_id = tracking.find_run(cfg, storage)
+    if run_id is None:
+        return None
+    run = tracking.client().get_run(run_id)
+    if run.info.status != "FINISHED" or run.data.tags.get("stop_reason") != STOP_COMPLETED:
+        return None
+    step = cfg.optim.max_steps
+    checkpoint = join(storage, cfg.run.name, checkpoint_name(step))
+    if not is_complete_checkpoint(checkpoint):
+        return None
+    return {**run.data.metrics, "step": step, "checkpoint_path": checkpoint}
 
 
 class RecordingASHA(ASHAScheduler):

@@ -54,6 +54,40 @@ def children(client, parent_id: str) -> list:
     return client.search_runs(experiment_ids, f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
+def test_trial_finished_before_an_interrupt_hands_tune_its_stored_result(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A sweep interrupted after a trial closed its run but before Tune recorded the trial:
+    on --resume the trial reports its stored result instead of reopening the run. Only a
+    run closed as completed, with a complete checkpoint at the last step, counts."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
+    from pipelines.tune import STOP_COMPLETED, finished_trial_result
+    from san.config import load_config
+    from san.storage import save_checkpoint
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.name=sweep-t0"])
+    storage, steps = str(tmp_path / "train"), cfg.optim.max_steps
+    assert finished_trial_result(cfg, storage) is None  # never started
+    run_id, _ = tracking.start_run(cfg, storage)
+    client = MlflowClient(uri)
+    client.log_metric(run_id, "miou", 0.5, step=steps)
+    assert finished_trial_result(cfg, storage) is None  # still running
+    client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
+    tracking.end_run(run_id, "FINISHED")
+    assert finished_trial_result(cfg, storage) is None  # no final checkpoint
+    final = tmp_path / "train" / "sweep-t0" / f"checkpoint_{steps:07d}"
+    save_checkpoint(final, {"step": steps}, cfg.to_dict())
+    result = finished_trial_result(cfg, storage)
+    assert result == {"miou": 0.5, "step": steps, "checkpoint_path": str(final)}
+    (final / "state.pt").write_bytes(b"torn")
+    assert finished_trial_result(cfg, storage) is None  # an incomplete checkpoint is not done
+    assert client.get_run(run_id).info.status == "FINISHED"  # and the run stays closed
+
+
 @pytest.mark.e2e
 def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -> None:
     """4 trials, 2 concurrent, ASHA: half the trials face an 8-class scene with K=2 clusters
