@@ -122,6 +122,23 @@ def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
     assert not torch.allclose(hue @ torch.tensor([0.8, 0.2, 0.1]), torch.tensor([0.8, 0.2, 0.1]))
 
 
+@pytest.mark.parametrize("box", [(5, 7, 100, 80), (0, 0, 120, 90), (10, 10, 20, 20)])
+def test_uint8_views_match_the_float_resize_within_one_grey_level(box) -> None:
+    """crop_view resizes uint8 images as uint8 (the fast path): the views stay within one
+    grey level of resizing the float image, whatever the memory layout of the input."""
+    generator = torch.Generator().manual_seed(0)
+    channels_last = torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8, generator=generator)
+    image = channels_last.permute(2, 0, 1)  # the layout decode_image and decode_raw give
+    view, unit = crop_view(image, box, 32, flip=False)
+    flipped, _ = crop_view(image.contiguous(), box, 32, flip=True)
+    as_float, float_unit = crop_view(image.float() / 255, box, 32, flip=False)
+    assert view.dtype == torch.float32 and view.shape == (3, 32, 32)
+    assert torch.equal(view, flipped.flip(-1))
+    assert (view - as_float).abs().max() < 1 / 255
+    assert torch.equal(unit, float_unit)
+    assert 0 <= view.min() and view.max() <= 1
+
+
 def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> None:
     """PairLoader's batches hold each sample's views, finished one sample at a time."""
     train = train_pair_transform(DataConfig(image_size=16))

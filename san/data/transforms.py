@@ -61,19 +61,22 @@ def crop_view(
 ) -> tuple[Tensor, Tensor]:
     """Crop pixel box (x0, y0, x1, y1) of a 3xHxW image, resize to size^2, maybe flip.
 
-    A uint8 image is cropped before it becomes float in [0, 1] (the same values as
-    converting the whole image first, for a fraction of the work). Returns the float view
-    and the box in [0,1] coordinates of the original image; the pixel box edges map to the
-    view's edges, which is the geometry `align_views` assumes.
+    A uint8 image is resized as uint8 and only the small view becomes float in [0, 1]:
+    torch's uint8 antialiased resize is about 3x faster than the float one on a
+    channels-last crop (what `decode_image` gives), and its result differs from the float
+    path's by less than one grey level (it is rounded to uint8, as the source pixels are).
+    Returns the float view and the box in [0,1] coordinates of the original image; the
+    pixel box edges map to the view's edges, which is the geometry `align_views` assumes.
     """
     height, width = image.shape[-2:]
     x0, y0, x1, y1 = box
     crop = image[:, y0:y1, x0:x1].unsqueeze(0)
-    crop = crop.float().div_(255.0) if crop.dtype == torch.uint8 else crop.float()
+    if crop.dtype != torch.uint8:
+        crop = crop.float()
     view = F.interpolate(
         crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
     )
-    view = view[0]
+    view = view[0].float().div_(255.0) if view.dtype == torch.uint8 else view[0]
     if flip:
         view = view.flip(-1)
     unit = torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height], dtype=torch.float32)
