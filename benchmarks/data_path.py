@@ -225,12 +225,11 @@ def main() -> None:
         # Step time with real data (local shards as prepare_data writes them by default)
         # vs pre-made tensors, alternating: loading in the training process (tiny.yaml)
         # and in one loader worker (default.yaml), where it can overlap the step.
-        trainer = build_trainer(with_data(base, "shards", str(work / "source"), 0))
+        trainer = build_trainer(base)
         steps_by_loader: dict[int, tuple[list[float], list[float]]] = {}
         for workers in (0, 1):
-            cfg = with_data(base, "shards", str(work / "source"), workers)
-            real, premade = steps_by_loader.setdefault(workers, ([], []))
-            loader = train_loader(cfg)
+            real, premade = steps_by_loader[workers] = [], []
+            loader = train_loader(with_data(base, "shards", str(work / "source"), workers))
             batches = iter(loader)
             fixed = next(batches)
             timed_steps(trainer, repeat(fixed), 0, warmup=2)
