@@ -18,6 +18,7 @@ import torch
 from common import machine, median, parse_args, table, write_results
 
 from san.config import load_config
+from san.data.transforms import jitter_params
 from san.engine import Trainer, apply_memory_format, seed_everything
 from san.models import create_model
 
@@ -47,19 +48,26 @@ def bf16_rate(dev: torch.device, quick: bool) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def make_batch(n: int, size: int, dev: torch.device) -> dict:
+def make_batch(n: int, size: int) -> dict:
+    """A batch as the loader delivers it: uint8 views and their colour-jitter numbers on
+    the host, so each timed step includes the copy to the device and the colour jitter and
+    normalisation there (`finished_views`), as in training."""
     g = torch.Generator().manual_seed(0)
     box = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * n)
     flip = torch.zeros(n, dtype=torch.bool)
-    batch = {
-        "view1": torch.randn(n, 3, size, size, generator=g),
-        "view2": torch.randn(n, 3, size, size, generator=g),
+    jitter = torch.tensor(
+        [jitter_params(0.4, torch.rand(4, generator=g).tolist()) for _ in range(n)]
+    )
+    return {
+        "view1": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+        "view2": torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
         "box1": box,
         "box2": box,
         "flip1": flip,
         "flip2": flip,
+        "jitter1": jitter,
+        "jitter2": jitter.flip(0),
     }
-    return {k: v.to(dev) for k, v in batch.items()}
 
 
 def build(overrides: list[str], dev: torch.device) -> Trainer:
@@ -126,7 +134,7 @@ def main() -> None:
         ]
     facts = machine()
     facts["device"] = torch.cuda.get_device_name(0) if on_gpu else "CPU (no GPU on this machine)"
-    batch = make_batch(n, size, dev)
+    batch = make_batch(n, size)
     peak = bf16_rate(dev, args.quick)
     flops = count_flops(base, batch, dev) / n
     trainers = {name: build(base + extra, dev) for name, extra in variants.items()}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from san.config import Config, OptimConfig
+from san.data.transforms import finish_views
 from san.losses import SANLoss
 from san.metrics import ConfusionMatrix
 
@@ -71,6 +72,21 @@ def move_batch(batch: dict, device: torch.device) -> dict:
     }
 
 
+def finished_views(batch: dict, colour_jitter: bool) -> torch.Tensor:
+    """Both views as one 2B x 3 x S x S float batch, view1's first.
+
+    Views from the loader are uint8: their colour jitter (if `colour_jitter`) and
+    ImageNet normalisation happen here, on the device the batch is on, in one pass over
+    both views. Float views (pre-made batches in tests and benchmarks) are taken as
+    already finished.
+    """
+    images = torch.cat([batch["view1"], batch["view2"]])
+    if images.dtype != torch.uint8:
+        return images
+    jitter = torch.cat([batch["jitter1"], batch["jitter2"]]) if colour_jitter else None
+    return finish_views(images, jitter)
+
+
 # torch.compile backend used by `optim.compile`. Inductor generates fused kernels (C++ on
 # CPU, Triton on GPU); tests swap in "aot_eager" (same graph capture and autograd, no code
 # generation) because inductor's C++ build takes many minutes on a small shared CPU.
@@ -120,14 +136,16 @@ class Trainer:
     def step(self, batch: dict) -> dict[str, float]:
         self.model.train()
         batch = move_batch(batch, self.device)
-        images = torch.cat([batch["view1"], batch["view2"]])
+        images = finished_views(batch, self.cfg.data.jitter > 0)
+        n = images.shape[0] // 2
+        batch = {**batch, "view1": images[:n], "view2": images[n:]}  # the loss reads them
         if self.cfg.optim.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, self.cfg.optim.precision):
             # One forward over both views: the centres are pooled from both, and
             # BatchNorm and the SEAT centres see the whole batch once.
             both = self.forward_model(images)
-        out1, out2 = split_outputs(both, batch["view1"].shape[0])
+        out1, out2 = split_outputs(both, n)
         total, terms = self.loss_fn(out1, out2, batch)
         if not torch.isfinite(total):
             raise FloatingPointError(f"loss is {total.item()} (terms: {_floats(terms)})")

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import math
+import pickle
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from san.config import DataConfig
 from san.data import (
+    INLINE_MAX_BYTES,
     DataError,
     FolderDataset,
     PairLoader,
@@ -29,8 +31,10 @@ from san.data import (
     SyntheticScenes,
     create_dataset,
     eval_sample_transform,
+    pack_tensor,
     train_pair_transform,
     unpack_pairs,
+    unpack_tensor,
     write_shards,
 )
 from san.data.shards import SCHEMA, encode_png
@@ -45,6 +49,7 @@ from san.data.transforms import (
     jitter_params,
     normalize,
 )
+from san.engine import finished_views
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 needs_camvid = pytest.mark.skipif(
@@ -78,8 +83,9 @@ def test_pair_transform_shapes_and_determinism() -> None:
     b = pair(img, torch.Generator().manual_seed(7))
     c = pair(img, torch.Generator().manual_seed(8))
     assert set(a) == {"views", "geometry", "jitter"}
-    assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.float32
-    assert a["jitter"].shape == (2, 4)
+    # uint8 views leave the loader; colour jitter and normalisation come later (finish).
+    assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.uint8
+    assert a["jitter"].shape == (2, 4) and a["jitter"].dtype == torch.float32
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["views"], c["views"])
@@ -113,34 +119,38 @@ def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
         y = ((y - mean) * contrast + mean).clamp(0, 1)
         gray = (y * gray_w).sum(0, keepdim=True)
         y = (gray + (y - gray) * saturation).clamp(0, 1)
-        y = torch.einsum("ij,jhw->ihw", hue_matrices([angle])[0], y).clamp(0, 1)
+        y = torch.einsum("ij,jhw->ihw", hue_matrices(torch.tensor([angle]))[0], y).clamp(0, 1)
         assert torch.allclose(got, y, atol=1e-6)
         assert not torch.allclose(got, image, atol=1e-3)
     # The hue matrix only rotates chroma: greys stay grey, colours move.
-    hue = hue_matrices([0.5])[0]
+    hue = hue_matrices(torch.tensor([0.5]))[0]
     assert torch.allclose(hue @ torch.full((3,), 0.5), torch.full((3,), 0.5), atol=1e-6)
     assert not torch.allclose(hue @ torch.tensor([0.8, 0.2, 0.1]), torch.tensor([0.8, 0.2, 0.1]))
 
 
 @pytest.mark.parametrize("box", [(5, 7, 100, 80), (0, 0, 120, 90), (10, 10, 20, 20)])
 def test_uint8_views_match_the_float_resize_within_one_grey_level(box) -> None:
-    """crop_view resizes uint8 images as uint8 (the fast path): the views stay within one
-    grey level of resizing the float image, whatever the memory layout of the input."""
+    """crop_view resizes uint8 images as uint8 (the fast path) and keeps them uint8: the
+    views stay within one grey level of resizing the float image, whatever the memory
+    layout of the input."""
     generator = torch.Generator().manual_seed(0)
     channels_last = torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8, generator=generator)
     image = channels_last.permute(2, 0, 1)  # the layout decode_image and decode_raw give
     view, unit = crop_view(image, box, 32, flip=False)
     flipped, _ = crop_view(image.contiguous(), box, 32, flip=True)
     as_float, float_unit = crop_view(image.float() / 255, box, 32, flip=False)
-    assert view.dtype == torch.float32 and view.shape == (3, 32, 32)
+    assert view.dtype == torch.uint8 and view.shape == (3, 32, 32)
+    assert as_float.dtype == torch.float32 and 0 <= as_float.min() and as_float.max() <= 1
     assert torch.equal(view, flipped.flip(-1))
-    assert (view - as_float).abs().max() < 1 / 255
-    assert torch.equal(unit, float_unit)
-    assert 0 <= view.min() and view.max() <= 1
+    assert (view.float() / 255 - as_float).abs().max() < 1 / 255
+    x0, y0, x1, y1 = box
+    assert unit == float_unit == [x0 / 120, y0 / 90, x1 / 120, y1 / 90]
 
 
-def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> None:
-    """PairLoader's batches hold each sample's views, finished one sample at a time."""
+def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_would() -> None:
+    """PairLoader's batches carry each sample's uint8 views and its numbers; finishing the
+    batch on the training device (`finished_views`, as Trainer.step does) gives the views
+    of finishing each sample on its own."""
     train = train_pair_transform(DataConfig(image_size=16))
     img = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
     samples = [
@@ -151,20 +161,45 @@ def test_collate_packs_two_tensors_and_unpack_restores_the_trainer_keys() -> Non
     alone = [train.pair.finish(s["views"].clone(), s["jitter"]) for s in samples]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
-        "geometry", "views"
+        "params", "views"
     ]  # fmt: skip
+    assert packed["views"].dtype == torch.uint8
     batch = unpack_pairs(packed)
-    assert set(batch) == {"view1", "view2", "box1", "box2", "flip1", "flip2", "id", "reader",
-                          "bad_skipped"}  # fmt: skip
+    assert set(batch) == {"view1", "view2", "box1", "box2", "flip1", "flip2", "jitter1",
+                          "jitter2", "id", "reader", "bad_skipped"}  # fmt: skip
     for i, s in enumerate(samples):
-        assert torch.equal(batch["view1"][i], alone[i][0])
-        assert torch.equal(batch["view2"][i], alone[i][1])
+        assert torch.equal(batch["view1"][i], s["views"][0])
         assert torch.equal(batch["box1"][i], s["geometry"][0, :4])
         assert torch.equal(batch["box2"][i], s["geometry"][1, :4])
         assert batch["flip1"][i].item() == bool(s["geometry"][0, 4])
+        assert torch.equal(batch["jitter2"][i], s["jitter"][1])
     assert batch["flip1"].dtype == torch.bool and batch["view1"].shape == (3, 3, 16, 16)
     assert batch["id"] == ["s0", "s1", "s2"]
     assert batch["reader"].tolist() == [3, 3, 3] and batch["bad_skipped"].tolist() == [0, 1, 2]
+    finished = finished_views(batch, colour_jitter=True)
+    assert finished.dtype == torch.float32 and finished.shape == (6, 3, 16, 16)
+    for i in range(3):
+        assert torch.allclose(finished[i], alone[i][0], atol=1e-6)
+        assert torch.allclose(finished[3 + i], alone[i][1], atol=1e-6)
+    plain = finished_views(batch, colour_jitter=False)
+    assert torch.allclose(plain[0], normalize(batch["view1"][0]), atol=1e-6)
+    # Pre-made float views are taken as finished.
+    ready = {"view1": finished[:3], "view2": finished[3:]}
+    assert torch.equal(finished_views(ready, colour_jitter=True), finished)
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 3, 8, 8), (2, 2, 3, 400, 400)])
+def test_small_batches_cross_inline_and_big_ones_as_tensors(shape) -> None:
+    """A loader worker hands a small batch over as bytes (pickled through the pipe) and a
+    big one as a shared-memory tensor; both arrive as the same tensor."""
+    tensor = torch.randint(0, 256, shape, dtype=torch.uint8)
+    crossed = pickle.loads(pickle.dumps(pack_tensor(tensor)))
+    small = tensor.numel() <= INLINE_MAX_BYTES
+    assert isinstance(crossed, tuple) == small
+    again = unpack_tensor(crossed)
+    assert torch.equal(again, tensor) and again.dtype == torch.uint8
+    again.zero_()  # writable, and not the sender's memory
+    assert tensor.any()
 
 
 def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
@@ -175,7 +210,11 @@ def _aligned_error(box1, flip1, box2, flip2, size=64, pool=1):
         v1 = torch.nn.functional.avg_pool2d(v1[None], pool)[0]
         v2 = torch.nn.functional.avg_pool2d(v2[None], pool)[0]
     aligned, mask = align_views(
-        v2[None], unit1[None], torch.tensor([flip1]), unit2[None], torch.tensor([flip2])
+        v2[None],
+        torch.tensor([unit1]),
+        torch.tensor([flip1]),
+        torch.tensor([unit2]),
+        torch.tensor([flip2]),
     )
     mask = mask[0]
     err = (aligned[0] - v1).abs().amax(0)[mask]

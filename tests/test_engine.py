@@ -13,7 +13,8 @@ import torch
 
 from san import engine
 from san.config import load_config
-from san.engine import Trainer, evaluate
+from san.data.transforms import jitter_params
+from san.engine import Trainer, evaluate, finished_views
 from san.models import create_model
 
 TINY = [
@@ -47,6 +48,33 @@ def pair_batch(n: int, size: int) -> dict:
     flip = torch.zeros(n, dtype=torch.bool)
     return {"view1": view, "view2": view.clone(), "box1": box, "box2": box, "flip1": flip,
             "flip2": flip}  # fmt: skip
+
+
+def test_step_finishes_the_loaders_uint8_views_as_pre_finished_ones_train():
+    """Loader batches carry uint8 views and their colour-jitter numbers; Trainer.step
+    finishes them on its device and trains exactly as on the same views finished first."""
+    cfg = load_config(None, TINY)
+    generator = torch.Generator().manual_seed(1)
+    n, size = cfg.optim.batch_size, cfg.data.image_size
+    raw = pair_batch(n, size)
+    for key in ("view1", "view2"):
+        raw[key] = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    for key in ("jitter1", "jitter2"):
+        raw[key] = torch.tensor(
+            [jitter_params(0.4, torch.rand(4, generator=generator).tolist()) for _ in range(n)]
+        )
+    finished = finished_views(raw, colour_jitter=True)
+    assert finished.dtype == torch.float32 and finished.shape == (2 * n, 3, size, size)
+    ready = {**raw, "view1": finished[:n], "view2": finished[n:]}
+    losses = []
+    for batch in (raw, ready):
+        torch.manual_seed(0)
+        trainer = Trainer(create_model(cfg), cfg, torch.device("cpu"))
+        losses.append(trainer.step(batch))
+    assert losses[0].keys() == losses[1].keys()
+    for key in losses[0]:
+        assert losses[0][key] == pytest.approx(losses[1][key], rel=1e-5, abs=1e-6), key
+    assert raw["view1"].dtype == torch.uint8  # the caller's batch is left as it was
 
 
 def one_step(*overrides: str) -> tuple[Trainer, dict, float]:

@@ -39,6 +39,7 @@ from san.data.transforms import PairTransform, eval_transform
 
 __all__ = [
     "DATASETS",
+    "INLINE_MAX_BYTES",
     "Cityscapes27",
     "CocoStuff27",
     "DataError",
@@ -57,9 +58,11 @@ __all__ = [
     "decode_stored",
     "encode_png",
     "eval_sample_transform",
+    "pack_tensor",
     "sample_seed",
     "train_pair_transform",
     "unpack_pairs",
+    "unpack_tensor",
     "write_shards",
 ]
 
@@ -202,40 +205,67 @@ class TrainPairTransform:
         return out
 
     def collate(self, samples: list[dict]) -> dict:
-        """Samples -> {"views": float B x 2 x 3 x S x S, jittered and normalised,
-        "geometry": B x 2 x 5 (box in [0, 1] coordinates, then 1.0 if flipped), "id",
-        "reader", "bad_skipped"}: two tensors and plain lists.
+        """Samples -> {"views": uint8 B x 2 x 3 x S x S (not yet jittered or normalised),
+        "params": float32 B x 2 x 9 (per view: crop box in [0, 1] coordinates, 1.0 if
+        flipped, the four colour-jitter numbers), "id", "reader", "bad_skipped"}.
 
-        Runs in the loader worker, where the batch's colour jitter is applied at once
-        (`PairTransform.finish`). The worker hands each tensor of a batch to the training
-        process through its own shared-memory segment, about half a millisecond apiece on
-        CPU hosts, so a batch crosses as two tensors; `unpack_pairs` gives the Trainer its
-        keys back.
+        Runs in the loader worker. Colour jitter and normalisation wait for the training
+        device (`san.engine.Trainer.step` calls `finish_views`), so the batch crosses as
+        uint8, a quarter of float32's bytes. In a loader worker the two tensors cross
+        inline (`pack_tensor`).
         """
-        views = self.pair.finish(
-            torch.cat([s["views"] for s in samples]), torch.cat([s["jitter"] for s in samples])
-        )
-        return {
-            "views": views.view(len(samples), 2, *views.shape[1:]),
-            "geometry": torch.stack([s["geometry"] for s in samples]),
+        views = torch.stack([s["views"] for s in samples])
+        params = torch.stack([torch.cat([s["geometry"], s["jitter"]], dim=1) for s in samples])
+        batch = {
+            "views": views,
+            "params": params,
             "id": [s.get("id") for s in samples],
             "reader": [int(s.get("reader", 0)) for s in samples],
             "bad_skipped": [int(s.get("bad_skipped", 0)) for s in samples],
         }
+        if get_worker_info() is not None:
+            batch["views"], batch["params"] = pack_tensor(views), pack_tensor(params)
+        return batch
+
+
+# A tensor a loader worker returns crosses in its own shared-memory segment, whose file
+# descriptor the training process then fetches over a socket: about 0.4 ms of the worker's
+# time per tensor on a 2-core host, more than a training batch of small views takes to copy
+# through the result pipe. Measured (benchmarks/data_path.py, and a worker made the
+# bottleneck): a uint8 batch up to 1.5 MiB crossed no slower as bytes than as a tensor, and
+# a 49 KiB one 3.5x faster. Bigger tensors keep shared memory, which does not copy twice.
+INLINE_MAX_BYTES = 1 << 20
+
+
+def pack_tensor(tensor: torch.Tensor) -> torch.Tensor | tuple:
+    """A small tensor -> (bytes, dtype, shape), which pickles inline; a big one unchanged."""
+    if tensor.numel() * tensor.element_size() > INLINE_MAX_BYTES:
+        return tensor
+    return tensor.contiguous().numpy().tobytes(), tensor.dtype, tuple(tensor.shape)
+
+
+def unpack_tensor(value: torch.Tensor | tuple) -> torch.Tensor:
+    """The inverse of `pack_tensor`: a fresh, writable tensor (or the tensor as it came)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    data, dtype, shape = value
+    return torch.frombuffer(bytearray(data), dtype=dtype).view(shape)
 
 
 def unpack_pairs(batch: dict) -> dict:
-    """A `TrainPairTransform.collate` batch -> the Trainer's keys: view1/view2
-    (B x 3 x S x S), box1/box2 (B x 4, [0, 1] coordinates), flip1/flip2 (B, bool), id,
-    reader, bad_skipped."""
-    views, geometry = batch["views"], batch["geometry"]
+    """A `TrainPairTransform.collate` batch -> the Trainer's keys: view1/view2 (uint8
+    B x 3 x S x S, finished by `Trainer.step`), box1/box2 (B x 4, [0, 1] coordinates),
+    flip1/flip2 (B, bool), jitter1/jitter2 (B x 4), id, reader, bad_skipped."""
+    views, params = unpack_tensor(batch["views"]), unpack_tensor(batch["params"])
     return {
         "view1": views[:, 0],
         "view2": views[:, 1],
-        "box1": geometry[:, 0, :4],
-        "box2": geometry[:, 1, :4],
-        "flip1": geometry[:, 0, 4] > 0.5,
-        "flip2": geometry[:, 1, 4] > 0.5,
+        "box1": params[:, 0, :4],
+        "box2": params[:, 1, :4],
+        "flip1": params[:, 0, 4] > 0.5,
+        "flip2": params[:, 1, 4] > 0.5,
+        "jitter1": params[:, 0, 5:],
+        "jitter2": params[:, 1, 5:],
         "id": batch["id"],
         "reader": torch.tensor(batch["reader"]),
         "bad_skipped": torch.tensor(batch["bad_skipped"]),
@@ -247,7 +277,7 @@ class PairLoader(DataLoader):
     delivery.
 
     Takes DataLoader's arguments except `collate_fn`; a batch crosses from loader workers
-    as two tensors and arrives with the keys `Trainer.step` reads.
+    as two (inlined) tensors and arrives with the keys `Trainer.step` reads.
     """
 
     def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:

@@ -58,15 +58,17 @@ def sample_crop_box(
 
 def crop_view(
     image: Tensor, box: tuple[int, int, int, int], size: int, flip: bool
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, list[float]]:
     """Crop pixel box (x0, y0, x1, y1) of a 3xHxW image, resize to size^2, maybe flip.
 
-    A uint8 image is resized as uint8 and only the small view becomes float in [0, 1]:
-    torch's uint8 antialiased resize is about 3x faster than the float one on a
-    channels-last crop (what `decode_image` gives), and its result differs from the float
-    path's by less than one grey level (it is rounded to uint8, as the source pixels are).
-    Returns the float view and the box in [0,1] coordinates of the original image; the
-    pixel box edges map to the view's edges, which is the geometry `align_views` assumes.
+    The view keeps the image's dtype: a uint8 image gives a uint8 view, which is how views
+    leave the loader (a quarter of float32's bytes) until `finish_views` makes them float
+    on the training device. torch's uint8 antialiased resize is also about 3x faster than
+    the float one on a channels-last crop (what `decode_image` gives), and differs from it
+    by less than one grey level (it is rounded to uint8, as the source pixels are).
+    Returns the view and the box in [0,1] coordinates of the original image (plain floats:
+    `PairTransform` makes one tensor of both views' numbers); the pixel box edges map to
+    the view's edges, which is the geometry `align_views` assumes.
     """
     height, width = image.shape[-2:]
     x0, y0, x1, y1 = box
@@ -75,12 +77,10 @@ def crop_view(
         crop = crop.float()
     view = F.interpolate(
         crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
-    )
-    view = view[0].float().div_(255.0) if view.dtype == torch.uint8 else view[0]
+    )[0]
     if flip:
         view = view.flip(-1)
-    unit = torch.tensor([x0 / width, y0 / height, x1 / width, y1 / height], dtype=torch.float32)
-    return view, unit
+    return view, [x0 / width, y0 / height, x1 / width, y1 / height]
 
 
 def jitter_params(strength: float, uniforms: Sequence[float]) -> list[float]:
@@ -93,13 +93,17 @@ def jitter_params(strength: float, uniforms: Sequence[float]) -> list[float]:
     return [brightness, contrast, saturation, turns * 2 * math.pi]
 
 
-def hue_matrices(angles: Sequence[float]) -> Tensor:
-    """N hue angles -> N x 3 x 3 RGB matrices rotating the (I, Q) chroma plane by each."""
-    rotations = [
-        [[1, 0, 0], [0, cos, -sin], [0, sin, cos]]
-        for cos, sin in ((math.cos(a), math.sin(a)) for a in angles)
-    ]
-    return _YIQ2RGB @ torch.tensor(rotations) @ _RGB2YIQ
+def hue_matrices(angles: Tensor) -> Tensor:
+    """N hue angles (radians) -> N x 3 x 3 RGB matrices rotating the (I, Q) chroma plane by
+    each, on the angles' device (so jitter on a GPU never waits for the host)."""
+    angles = angles.to(torch.float64)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(angles), torch.zeros_like(angles)
+    rotations = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=-1).view(
+        -1, 3, 3
+    )
+    yiq2rgb, rgb2yiq = (m.to(angles.device) for m in (_YIQ2RGB, _RGB2YIQ))
+    return yiq2rgb @ rotations.float() @ rgb2yiq
 
 
 def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
@@ -110,9 +114,10 @@ def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
     once: at view sizes an operation's fixed overhead costs more than its arithmetic.
     """
     b = x.shape[0]
+    jitter = jitter.to(x.device)
     brightness, contrast, saturation = jitter[:, :3].to(x.dtype).view(b, 3, 1, 1, 1).unbind(1)
-    hue = hue_matrices(jitter[:, 3].tolist()).to(x.dtype)
-    gray_w = _GRAY.to(x.dtype).view(1, 3, 1, 1)
+    hue = hue_matrices(jitter[:, 3]).to(x.dtype)
+    gray_w = _GRAY.to(x.device, x.dtype).view(1, 3, 1, 1)
     x = x.mul_(brightness).clamp_(0, 1)
     mean = (x * gray_w).sum(1).mean((1, 2)).view(b, 1, 1, 1)
     x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 1)
@@ -121,17 +126,34 @@ def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
     return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)
 
 
+def finish_views(views: Tensor, jitter: Tensor | None) -> Tensor:
+    """N x 3 x S x S views from `PairTransform` (uint8, or float in [0, 1]) + their N x 4
+    `jitter_params` rows (None: no colour jitter) -> jittered, ImageNet-normalised float32.
+
+    The per-batch half of the augmentation. It runs wherever `views` are: `Trainer.step`
+    calls it on the training device, so a GPU does the colour work and the loader ships
+    uint8. Float input is overwritten (it is scratch).
+    """
+    x = views.float().div_(255.0) if views.dtype == torch.uint8 else views
+    if jitter is not None:
+        x = color_jitter(x, jitter)
+    mean, std = (m.to(x.device).view(1, 3, 1, 1) for m in (MEAN, STD))
+    return x.sub_(mean).div_(std)
+
+
 class PairTransform:
     """Two random views of one image, with the crop box, flip and colour jitter of each.
 
-    Works in two stages, so that colour work is done once per batch:
+    Works in two stages, so that colour work is done once per batch, on the training device:
 
-    - `__call__(image, generator)`, per image: draws both views' random numbers (in the
-      order a view-at-a-time loop would), crops, resizes and flips. Returns {"views": float
-      [0, 1] 2 x 3 x S x S, not yet jittered, "geometry": 2 x 5, "jitter": float64 2 x 4}.
-      A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1] coordinates of the
-      image, then 1.0 if the view was flipped; a jitter row is the view's `jitter_params`.
-    - `finish(views, jitter)`, per batch (N x ...): colour jitter and normalisation.
+    - `__call__(image, generator)`, per image, in the loader: draws both views' random
+      numbers (in the order a view-at-a-time loop would), crops, resizes and flips. Returns
+      {"views": 2 x 3 x S x S in the image's dtype (uint8 for decoded images), not yet
+      jittered, "geometry": 2 x 5, "jitter": float32 2 x 4}. A geometry row is the view's
+      crop box (x0, y0, x1, y1) in [0, 1] coordinates of the image, then 1.0 if the view
+      was flipped; a jitter row is the view's `jitter_params`.
+    - `finish(views, jitter)`, per batch (N x ...): colour jitter and normalisation
+      (`finish_views`, with no jitter when the strength is 0).
 
     The views are the same floats as jittering and normalising each view on its own
     (tested), so batching changes speed, not training.
@@ -167,19 +189,19 @@ class PairTransform:
         for box, flip, _ in draws:
             view, unit = crop_view(image, box, self.image_size, flip)
             views.append(view)
-            geometry.append(torch.cat([unit, torch.tensor([float(flip)])]))
+            geometry.append([*unit, float(flip)])
+        # One tensor per kind of number: at a view's size a tensor op's fixed cost is a
+        # sizeable part of the per-image work.
         return {
             "views": torch.stack(views),
-            "geometry": torch.stack(geometry),
-            "jitter": torch.tensor([jitter for _, _, jitter in draws], dtype=torch.float64),
+            "geometry": torch.tensor(geometry, dtype=torch.float32),
+            "jitter": torch.tensor([jitter for _, _, jitter in draws], dtype=torch.float32),
         }
 
     def finish(self, views: Tensor, jitter: Tensor) -> Tensor:
         """N x 3 x S x S views from `__call__` (+ their N x 4 jitter) -> jittered,
-        ImageNet-normalised views. Overwrites `views` (they are scratch)."""
-        if self.jitter > 0:
-            views = color_jitter(views, jitter)
-        return views.sub_(MEAN.view(1, 3, 1, 1)).div_(STD.view(1, 3, 1, 1))
+        ImageNet-normalised float32 views."""
+        return finish_views(views, jitter if self.jitter > 0 else None)
 
 
 def _axis_grid(
