@@ -8,7 +8,9 @@ written as PNG when that folder is absent):
 - shards (local): ShardDataset over Parquet shards on local disk (write_shards), with
   the image files stored as they are (image_encoding="source") and as decoded pixels
   (image_encoding="raw", `prepare_data.py --image-encoding raw`);
-- shards (S3): the same shards in a bucket of a real local S3 endpoint (moto server).
+- shards (S3): the same shards in a bucket of a real local S3 endpoint (moto server),
+  raw ones also through `data.shard_cache` (a local copy of each shard, filled before
+  timing: what every epoch after the first reads).
 
 For each, the full training data path (StreamDataset + train_pair_transform +
 DataLoader, as pipelines/loop.py builds it) is timed with 0 and 1 loader workers,
@@ -100,12 +102,12 @@ def compare_sources(base, sources: dict, repeats: int, n_images: int, workers_li
     for r in range(repeats):
         order = list(sources) if r % 2 == 0 else list(reversed(sources))
         for name in order:
-            dataset, root = sources[name]
+            dataset, root, *cache = sources[name]
             for workers in workers_list:
-                cfg = with_data(base, dataset, root, workers)
+                cfg = with_data(base, dataset, root, workers, *cache)
                 key = (name, f"loader_workers={workers}")
                 rates.setdefault(key, []).append(delivered(cfg, n_images))
-            cfg = with_data(base, dataset, root, 0)
+            cfg = with_data(base, dataset, root, 0, *cache)
             rates.setdefault((name, "read + decode only"), []).append(source_only(cfg, n_images))
             print(f"repeat {r} {name}: done", flush=True)
     return rates
@@ -122,9 +124,11 @@ def ratio_rows(rates: dict, folder: str) -> list[list]:
     return rows
 
 
-def with_data(cfg, dataset: str, root: str, workers: int):
+def with_data(cfg, dataset: str, root: str, workers: int, shard_cache: str = ""):
     values = cfg.to_dict()
-    values["data"].update(dataset=dataset, root=root, loader_workers=workers)
+    values["data"].update(
+        dataset=dataset, root=root, loader_workers=workers, shard_cache=shard_cache
+    )
     return from_dict(values)
 
 
@@ -204,6 +208,7 @@ def main() -> None:
 
         os.environ.update(s3.env)
         bucket = s3.make_bucket("bench")
+        cache = work / "shard-cache"
         for encoding in ("source", "raw"):
             for root in (str(work / encoding), f"{bucket}/{encoding}"):
                 write_shards(records, f"{root}/train", shard_size=64, image_encoding=encoding)
@@ -217,7 +222,13 @@ def main() -> None:
             "shards (S3 endpoint)": ("shards", f"{bucket}/source"),
             "raw shards (local Parquet)": ("shards", str(work / "raw")),
             "raw shards (S3 endpoint)": ("shards", f"{bucket}/raw"),
+            "raw shards (S3 endpoint, local cache)": ("shards", f"{bucket}/raw", str(cache)),
         }
+        # The cache is filled before timing: its rows are what epochs after the first see.
+        warm = create_dataset(
+            with_data(base, "shards", f"{bucket}/raw", 0, str(cache)).data, "train"
+        )
+        assert sum(1 for _ in warm.iter_partition(0, 1, 0, False, 0)) == len(records)
         rates = compare_sources(base, sources, repeats, n_images, (0, 1))
         large_rows = []
         if CAMVID.is_dir() and not args.quick:

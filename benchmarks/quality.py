@@ -115,7 +115,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--storage", default="outputs/bench")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.md"))
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results"), help="folder for quality.md"
+    )
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma list, e.g. san (check one change)"
     )
@@ -176,7 +178,7 @@ def main() -> None:
         )
         + f"\n\n{text}\n"
     )
-    out = Path(args.out)
+    out = Path(args.out) / "quality.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     mlflow_client.log_artifact(parent_id, str(out))

@@ -99,6 +99,12 @@ class DataConfig:
     loader_workers: int = 1
     # Limit evaluation to this many validation images (0 = all).
     max_val_images: int = 0
+    # Local directory for copies of remote Parquet shards (data.root=s3://...): each shard
+    # is fetched once, checked against its manifest sha256 and kept under that checksum,
+    # so later epochs and restarts read local disk, not the network. It grows to the
+    # dataset's shard bytes and is never pruned; delete it when done. Empty: read remote
+    # shards every epoch. Local shards are never copied.
+    shard_cache: str = ""
     # Bad (corrupt, mis-sized) samples met while streaming are skipped with a warning
     # naming each; past this many per reading process the run stops with an error.
     max_bad_samples: int = 100
@@ -268,6 +274,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(
             f"data.root is empty but data.dataset={cfg.data.dataset!r} needs it; "
             "give a folder path or URL"
+        )
+    if "://" in cfg.data.shard_cache:
+        raise ConfigError(
+            f"data.shard_cache={cfg.data.shard_cache!r} must be a local directory (it holds "
+            "local copies of remote shards), or empty"
         )
     if cfg.model.name == "iic" and cfg.loss.w_mi == 0:
         raise ConfigError("loss.w_mi=0 leaves model.name='iic' nothing to learn; set loss.w_mi > 0")

@@ -41,6 +41,7 @@ def test_overrides_are_typed():
         ("optim.compile=maybe", "optim.compile='maybe' has the wrong type; expected a bool"),
         ("data.image_size=100", "must be a multiple of model.vit_patch_size"),
         ("tau=0.1", "must look like section.key"),
+        ("data.shard_cache=s3://b/cache", "data.shard_cache='s3://b/cache' must be a local"),
     ],
 )
 def test_bad_values_fail_with_one_line(override, expected):

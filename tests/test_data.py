@@ -50,6 +50,7 @@ from san.data.transforms import (
     normalize,
 )
 from san.engine import finished_views
+from san.storage import filesystem
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 needs_camvid = pytest.mark.skipif(
@@ -522,6 +523,57 @@ def test_training_stream_does_not_read_labels(tmp_path: Path) -> None:
         assert evaluated.load_labels is True
     with pytest.raises(DataError, match="label 'x'"):
         list(StreamDataset(evaluated, eval_sample_transform(cfg), loop=False))
+
+
+@pytest.mark.e2e
+def test_remote_shards_are_cached_locally_once_verified(s3_env, tmp_path: Path) -> None:
+    """data.shard_cache: each S3 shard is fetched once, checked against its manifest sha256
+    and kept under it; later reads need no S3 at all, and a bad fetch is never cached."""
+    bucket = s3_env.make_bucket("cached-shards")
+    records = _records(5)
+    manifest = write_shards(records, f"{bucket}/ds/train", shard_size=2)
+    cache = tmp_path / "cache"
+    cfg = DataConfig(dataset="shards", root=f"{bucket}/ds", shard_cache=str(cache))
+    ds = create_dataset(cfg, "train")
+    first = {s["id"]: s["image"] for s in ds.iter_partition(0, 1, 0, True, 0)}
+    assert sorted(first) == sorted(r["id"] for r in records)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"{shard['sha256']}.parquet" for shard in manifest["shards"]
+    )
+    for shard in manifest["shards"]:
+        assert (
+            hashlib.sha256((cache / f"{shard['sha256']}.parquet").read_bytes()).hexdigest()
+            == (shard["sha256"])
+        )
+    # With the shard files gone from the bucket, the cached copies still serve every image.
+    fs, _ = filesystem(bucket)
+    for shard in manifest["shards"]:
+        fs.rm(f"{bucket}/ds/train/{shard['file']}")
+    again = {
+        s["id"]: s["image"] for s in create_dataset(cfg, "train").iter_partition(0, 1, 1, True, 0)
+    }
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+
+    # A shard that does not match its manifest is refused by name and leaves no entry.
+    fresh = tmp_path / "fresh"
+    write_shards(records, f"{bucket}/bad/train", shard_size=2)
+    fs.pipe(f"{bucket}/bad/train/shard-00001.parquet", b"not the shard the manifest lists")
+    bad = create_dataset(
+        DataConfig(dataset="shards", root=f"{bucket}/bad", shard_cache=str(fresh)), "train"
+    )
+    with pytest.raises(DataError, match="shard-00001.parquet fails its manifest sha256"):
+        list(bad.iter_partition(0, 1, 0, False, 0))
+    assert len(list(fresh.iterdir())) == 1  # shard 0 only; no temporary files left
+
+    # Local shards are read in place, never copied; an unwritable cache is a one-line error.
+    write_shards(records, str(tmp_path / "local"), shard_size=2)
+    local = ShardDataset(str(tmp_path / "local"), "x", cache_dir=str(tmp_path / "unused"))
+    assert len(list(local.iter_partition(0, 1, 0, False, 0))) == 5
+    assert not (tmp_path / "unused").exists()
+    (tmp_path / "a-file").write_text("")
+    blocked = ShardDataset(f"{bucket}/ds", "train", cache_dir=str(tmp_path / "a-file" / "sub"))
+    with pytest.raises(DataError, match=r"data.shard_cache=.*cannot be written"):
+        next(blocked.iter_partition(0, 1, 0, False, 0))
 
 
 @pytest.mark.e2e

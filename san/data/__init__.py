@@ -87,7 +87,7 @@ def _folder(cfg: DataConfig, split: str) -> FolderDataset:
 
 
 def _shards(cfg: DataConfig, split: str) -> ShardDataset:
-    return ShardDataset(cfg.root, split)
+    return ShardDataset(cfg.root, split, cfg.shard_cache)
 
 
 def _cocostuff27(cfg: DataConfig, split: str) -> CocoStuff27:
@@ -230,10 +230,10 @@ class TrainPairTransform:
 
 # A tensor a loader worker returns crosses in its own shared-memory segment, whose file
 # descriptor the training process then fetches over a socket: about 0.4 ms of the worker's
-# time per tensor on a 2-core host, more than a training batch of small views takes to copy
-# through the result pipe. Measured (benchmarks/data_path.py, and a worker made the
-# bottleneck): a uint8 batch up to 1.5 MiB crossed no slower as bytes than as a tensor, and
-# a 49 KiB one 3.5x faster. Bigger tensors keep shared memory, which does not copy twice.
+# time per tensor on a 2-core host, more than a batch of small views takes to copy through
+# the result pipe. Timed with the loader worker as the bottleneck: a 49 KiB uint8 batch
+# (8 images, 32 px views) cost the worker 0.3 ms as bytes and 1.15 ms as tensors, and up to
+# 1.5 MiB bytes were never slower. Bigger batches keep shared memory (no double copy).
 INLINE_MAX_BYTES = 1 << 20
 
 

@@ -15,6 +15,11 @@ A `manifest.json`, written last, lists the shards with their row counts and sha2
 checksums; readers go through it, so a half-written dataset (no manifest yet) is never
 read. Every file is written to a temporary name and then renamed, so an interrupted
 write leaves no truncated shard behind.
+
+Remote shards (s3://...) can be kept in a local cache directory (`data.shard_cache`):
+each shard is fetched once, checked against its manifest sha256, and stored under that
+checksum, so later epochs and restarts read local disk and a changed shard is never
+confused with its old copy.
 """
 
 from __future__ import annotations
@@ -22,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
 from san.data.base import (
@@ -189,9 +197,12 @@ class ShardDataset(ForkSafeFilesystem):
     # Training never looks at labels: it sets this False so they are neither read nor decoded.
     load_labels = True
 
-    def __init__(self, url: str, split: str) -> None:
+    def __init__(self, url: str, split: str, cache_dir: str = "") -> None:
+        """`cache_dir`: local directory for verified copies of remote shards ("" reads
+        the remote shards every time; local shards are never copied)."""
         self.split = split
         root = self._open_filesystem(url.rstrip("/"))
+        self.cache_dir = "" if isinstance(self.fs, LocalFileSystem) else cache_dir
         direct = f"{root}/{MANIFEST}"
         nested = f"{root}/{split}/{MANIFEST}"
         try:
@@ -234,8 +245,9 @@ class ShardDataset(ForkSafeFilesystem):
     @contextlib.contextmanager
     def _open(self, shard: dict) -> Iterator[pq.ParquetFile]:
         """Open one shard as a ParquetFile; a missing or corrupt file is a DataError naming it."""
+        cached = self._cached(shard)
         try:
-            handle = self.fs.open(self._path(shard), "rb")
+            handle = open(cached, "rb") if cached else self.fs.open(self._path(shard), "rb")
         except Exception as exc:
             raise DataError(
                 f"shard {self._path(shard)} cannot be opened: {first_line(exc)}"
@@ -250,6 +262,47 @@ class ShardDataset(ForkSafeFilesystem):
             yield pf
         finally:
             handle.close()
+
+    def _cached(self, shard: dict) -> str | None:
+        """The local path of the shard's verified copy, fetched on first use (None when not
+        caching). The copy is written to a temporary name and renamed once its sha256
+        matches the manifest, so a cache entry is always a whole, checked shard, and
+        concurrent readers (loader workers, Ray workers on one node) at worst fetch twice."""
+        digest = shard.get("sha256")
+        if not self.cache_dir or not digest:
+            return None
+        path = Path(self.cache_dir) / f"{digest}.parquet"
+        if path.is_file():
+            return str(path)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.touch()
+        except OSError as exc:
+            raise DataError(
+                f"data.shard_cache={self.cache_dir!r} cannot be written: {exc.strerror or exc}; "
+                "give a writable local directory, or an empty value to read remote shards "
+                "every epoch"
+            ) from None
+        try:
+            checksum = hashlib.sha256()
+            try:
+                with self.fs.open(self._path(shard), "rb") as src, open(tmp, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        checksum.update(chunk)
+                        dst.write(chunk)
+            except Exception as exc:
+                raise DataError(
+                    f"shard {self._path(shard)} cannot be opened: {first_line(exc)}"
+                ) from None
+            if checksum.hexdigest() != digest:
+                raise DataError(
+                    f"shard {self._path(shard)} fails its manifest sha256 checksum; not cached"
+                )
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return str(path)
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads each file once)."""
