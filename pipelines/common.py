@@ -24,6 +24,9 @@ from san.storage import StorageError, check_storage  # noqa: E402
 log = logging.getLogger("san")
 
 DEFAULT_TRACKING_DIR = ROOT / "outputs"
+# The `stop_reason` a sweep's ASHA scheduler tags on a trial's MLflow run when it stops
+# the trial (pipelines/tune.py); the trial's training loop watches for it.
+STOPPED_BY_SCHEDULER = "early_stopped_asha"
 CONFIG_DIR = ROOT / "pipelines" / "configs"
 
 # Variables a Ray worker needs to reach the same services as the driver. Only

@@ -276,6 +276,11 @@ def train_loop(loop_config: dict) -> None:
                         logger.metrics(losses, step)
                 images_seen, window_start = 0, time.perf_counter()
             if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
+                stopped = logger.stopped_by_scheduler() if logger else False
+                if _sum_over_ranks(int(stopped), device):
+                    if rank == 0:
+                        log.info("stopped by the sweep's scheduler; ending at step %d", step)
+                    break
                 sync_buffers(core)
                 evaluation = run_evaluation(core, cfg, device, rank, world_size)
                 metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import DEFAULT_TRACKING_DIR, tracking_uri
+from pipelines.common import DEFAULT_TRACKING_DIR, STOPPED_BY_SCHEDULER, tracking_uri
 from san.config import Config
 
 log = logging.getLogger("san")
@@ -149,6 +149,21 @@ class RunLogger:
         """Tags are kept as the latest value; one lost during an outage is re-sent on flush."""
         self.pending_tags[key] = value
         self.flush()
+
+    def stopped_by_scheduler(self) -> bool:
+        """True once a sweep's scheduler has stopped this run (it tags `stop_reason`).
+
+        Tune kills a stopped trial some seconds after its decision; checked at each
+        checkpoint, this lets the trial stop at once instead of training (and logging) on
+        until then. False while MLflow is failing: an outage must not stop training.
+        """
+        if self.failing:
+            return False
+        try:
+            tags = self.client.get_run(self.run_id).data.tags
+        except Exception:
+            return False
+        return tags.get("stop_reason") == STOPPED_BY_SCHEDULER
 
     def flush(self, force: bool = False) -> bool:
         if self.failing and not force:

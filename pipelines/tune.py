@@ -33,6 +33,7 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
 from pipelines.common import (  # noqa: E402
     CONFIG_DIR,
     ROOT,
+    STOPPED_BY_SCHEDULER,
     UserError,
     check_services,
     init_ray,
@@ -53,7 +54,7 @@ from san.config import Config, apply_overrides, from_dict, load_config  # noqa: 
 log = logging.getLogger("san")
 
 STOP_COMPLETED = "completed"
-STOP_EARLY = "early_stopped_asha"
+STOP_EARLY = STOPPED_BY_SCHEDULER
 STOP_ERROR = "error"
 STOP_UNFINISHED = "unfinished"
 

@@ -88,6 +88,28 @@ def test_trial_finished_before_an_interrupt_hands_tune_its_stored_result(
     assert client.get_run(run_id).info.status == "FINISHED"  # and the run stays closed
 
 
+def test_training_loop_sees_when_the_scheduler_stopped_its_run(tmp_path: Path) -> None:
+    """RunLogger.stopped_by_scheduler: true once the sweep's ASHA tagged the run stopped
+    (the loop then ends at its next checkpoint), never during an MLflow outage."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import RunLogger
+    from pipelines.tune import STOP_COMPLETED, STOP_EARLY
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("stops")).info.run_id
+    logger = RunLogger(run_id, uri)
+    assert not logger.stopped_by_scheduler()
+    client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
+    assert not logger.stopped_by_scheduler()
+    client.set_tag(run_id, "stop_reason", STOP_EARLY)
+    assert logger.stopped_by_scheduler()
+    logger.failing = True  # an outage: never a reason to stop training
+    assert not logger.stopped_by_scheduler()
+    assert not RunLogger("no-such-run", uri).stopped_by_scheduler()
+
+
 @pytest.mark.e2e
 def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -> None:
     """4 trials, 2 concurrent, ASHA: half the trials face an 8-class scene with K=2 clusters
