@@ -112,6 +112,11 @@ def fail_fast_http() -> None:
 
 
 def end_run(run_id: str, status: str) -> None:
+    # With an MLflow server, set_terminated writes the run's URL to stdout. Pipelines keep
+    # stdout for their one-line JSON result, and Ray forwards a worker's stdout to the
+    # driver late: a trial's URL line landed after a sweep's JSON (seen in CI). The run id
+    # is in the result and the logs anyway. A value the user set wins.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client().set_terminated(run_id, status=status)
 
 
