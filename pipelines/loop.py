@@ -180,6 +180,7 @@ def train_loop(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"])
     run_id: str | None = loop_config.get("mlflow_run_id")
     storage_url: str = loop_config["storage_url"]
+    sweep_trial: bool = loop_config.get("sweep_trial", False)
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -276,7 +277,8 @@ def train_loop(loop_config: dict) -> None:
                         logger.metrics(losses, step)
                 images_seen, window_start = 0, time.perf_counter()
             if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
-                stopped = logger.stopped_by_scheduler() if logger else False
+                # Only a sweep's scheduler stops a run: plain runs skip the MLflow read.
+                stopped = bool(logger and sweep_trial and logger.stopped_by_scheduler())
                 if _sum_over_ranks(int(stopped), device):
                     if rank == 0:
                         log.info("stopped by the sweep's scheduler; ending at step %d", step)

@@ -147,8 +147,12 @@ def use_gpu(cfg: Config) -> bool:
     return cfg.run.use_gpu == "true"
 
 
-def build_trainer(cfg: Config, storage: str, run_id: str | None, callbacks=None):
-    """The TorchTrainer for one training job (also what a Tune trial builds)."""
+def build_trainer(
+    cfg: Config, storage: str, run_id: str | None, callbacks=None, sweep_trial: bool = False
+):
+    """The TorchTrainer for one training job (also what a Tune trial builds, with
+    `sweep_trial`: its loop then checks at each checkpoint whether the sweep's scheduler
+    stopped it)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -162,6 +166,7 @@ def build_trainer(cfg: Config, storage: str, run_id: str | None, callbacks=None)
             "config": cfg.to_dict(),
             "mlflow_run_id": run_id,
             "storage_url": join(storage, cfg.run.name),
+            "sweep_trial": sweep_trial,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,

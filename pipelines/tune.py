@@ -112,7 +112,9 @@ def run_trial(sampled: dict, sweep: dict) -> None:
     for key, value in sampled.items():  # group labels are not config params
         if "." not in key:
             mlflow_client.set_tag(run_id, f"san.group.{key}", str(value))
-    trainer = build_trainer(cfg, storage, run_id, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(
+        cfg, storage, run_id, callbacks=[TuneReportCallback()], sweep_trial=True
+    )
     try:
         trainer.fit()
     except BaseException:

@@ -45,6 +45,7 @@ from san.data.transforms import (
     crop_view,
     denormalize,
     eval_transform,
+    finish_views,
     hue_matrices,
     jitter_params,
     normalize,
@@ -96,7 +97,7 @@ def test_pair_transform_shapes_and_determinism() -> None:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
         assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
     assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
-    views = pair.finish(a["views"].clone(), a["jitter"])
+    views = finish_views(a["views"].clone(), a["jitter"])
     assert views.shape == (2, 3, 32, 32) and not torch.equal(views, normalize(a["views"][0]))
 
 
@@ -159,7 +160,7 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
          "bad_skipped": i}
         for i in range(3)
     ]  # fmt: skip
-    alone = [train.pair.finish(s["views"].clone(), s["jitter"]) for s in samples]
+    alone = [finish_views(s["views"].clone(), s["jitter"]) for s in samples]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
         "params", "views"
@@ -240,7 +241,7 @@ def test_align_views_pair_transform_geometry() -> None:
     checked = 0
     for seed in range(12):
         out = pair(img, torch.Generator().manual_seed(seed))
-        view1, view2 = pair.finish(out["views"], out["jitter"])
+        view1, view2 = finish_views(out["views"], None)
         (box1, flip1), (box2, flip2) = ((g[:4], g[4:] > 0.5) for g in out["geometry"])
         aligned, mask = align_views(view2[None], box1[None], flip1, box2[None], flip2)
         if mask.sum() < 50:

@@ -189,7 +189,7 @@ class StreamDataset(IterableDataset):
 
 
 class TrainPairTransform:
-    """sample -> PairTransform's per-image stage + "id"; `collate` finishes and packs a batch.
+    """sample -> PairTransform's per-image stage + "id"; `collate` packs a batch of them.
 
     Labels are dropped (training is unsupervised), so sources are told not to read them.
     """

@@ -152,8 +152,8 @@ class PairTransform:
       jittered, "geometry": 2 x 5, "jitter": float32 2 x 4}. A geometry row is the view's
       crop box (x0, y0, x1, y1) in [0, 1] coordinates of the image, then 1.0 if the view
       was flipped; a jitter row is the view's `jitter_params`.
-    - `finish(views, jitter)`, per batch (N x ...): colour jitter and normalisation
-      (`finish_views`, with no jitter when the strength is 0).
+    - `finish_views(views, jitter)`, per batch (N x ...), on the training device: colour
+      jitter and normalisation (`san.engine.finished_views` calls it in `Trainer.step`).
 
     The views are the same floats as jittering and normalising each view on its own
     (tested), so batching changes speed, not training.
@@ -197,11 +197,6 @@ class PairTransform:
             "geometry": torch.tensor(geometry, dtype=torch.float32),
             "jitter": torch.tensor([jitter for _, _, jitter in draws], dtype=torch.float32),
         }
-
-    def finish(self, views: Tensor, jitter: Tensor) -> Tensor:
-        """N x 3 x S x S views from `__call__` (+ their N x 4 jitter) -> jittered,
-        ImageNet-normalised float32 views."""
-        return finish_views(views, jitter if self.jitter > 0 else None)
 
 
 def _axis_grid(
