@@ -99,6 +99,9 @@ def test_pair_transform_shapes_and_determinism() -> None:
     assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
     views = finish_views(a["views"].clone(), a["jitter"])
     assert views.shape == (2, 3, 32, 32) and not torch.equal(views, normalize(a["views"][0]))
+    # Float views would be taken as finished by the training step: refused at the source.
+    with pytest.raises(ValueError, match="uint8 3xHxW image.*got torch.float32"):
+        pair(img.float() / 255, torch.Generator())
 
 
 def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:

@@ -148,10 +148,10 @@ class PairTransform:
 
     - `__call__(image, generator)`, per image, in the loader: draws both views' random
       numbers (in the order a view-at-a-time loop would), crops, resizes and flips. Returns
-      {"views": 2 x 3 x S x S in the image's dtype (uint8 for decoded images), not yet
-      jittered, "geometry": 2 x 5, "jitter": float32 2 x 4}. A geometry row is the view's
-      crop box (x0, y0, x1, y1) in [0, 1] coordinates of the image, then 1.0 if the view
-      was flipped; a jitter row is the view's `jitter_params`.
+      {"views": uint8 2 x 3 x S x S, not yet jittered, "geometry": 2 x 5, "jitter":
+      float32 2 x 4}. A geometry row is the view's crop box (x0, y0, x1, y1) in [0, 1]
+      coordinates of the image, then 1.0 if the view was flipped; a jitter row is the
+      view's `jitter_params`.
     - `finish_views(views, jitter)`, per batch (N x ...), on the training device: colour
       jitter and normalisation (`san.engine.finished_views` calls it in `Trainer.step`).
 
@@ -182,7 +182,16 @@ class PairTransform:
         return box, flip, [1.0, 1.0, 1.0, 0.0]
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """3xHxW image (uint8, or float in [0, 1]) -> {"views", "geometry", "jitter"}."""
+        """uint8 3xHxW image -> {"views", "geometry", "jitter"}.
+
+        Only uint8: the training step takes float views as already finished (pre-made
+        batches), so float views from here would silently skip jitter and normalisation.
+        """
+        if image.dtype != torch.uint8:
+            raise ValueError(
+                f"training views need a uint8 3xHxW image (what every source decodes to); "
+                f"got {image.dtype}: a dataset must yield uint8 pixels"
+            )
         height, width = image.shape[-2:]
         draws = [self._draw(height, width, generator) for _ in range(2)]
         views, geometry = [], []
