@@ -60,6 +60,16 @@ def eval_classes(cfg: Config, source) -> int:
     return n_classes
 
 
+def eval_loader(cfg: Config, source, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """This rank's part of `source` in evaluation batches (uint8 images, labels), read in
+    this process: each evaluation is short, and a forked loader worker's start-up would
+    cost more than it overlaps on small val splits."""
+    stream = StreamDataset(
+        source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
+    )
+    return DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
+
+
 def run_evaluation(
     model: torch.nn.Module,
     cfg: Config,
@@ -77,10 +87,7 @@ def run_evaluation(
     source = create_dataset(cfg.data, cfg.data.val_split)
     source.on_bad = SkipBad(cfg.data.max_bad_samples)
     n_classes = eval_classes(cfg, source)
-    stream = StreamDataset(
-        source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
-    )
-    loader = DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
+    loader = eval_loader(cfg, source, rank, world_size)
     is_main = rank == 0
     max_images = math.ceil(cfg.data.max_val_images / world_size) if cfg.data.max_val_images else 0
     result = evaluate(

@@ -219,6 +219,9 @@ def evaluate(
 ) -> EvalResult:
     """Stream batches through the model into a confusion matrix (never all predictions).
 
+    A batch's "image" is uint8 B x 3 x S x S from `eval_sample_transform` (normalised
+    here, on `device`) or already-normalised float; "label" holds class ids (255: ignore).
+
     Also keeps the first `n_viz` images for pictures and a small random sample of
     labelled pixel embeddings per image for the linear probe, from at most
     `probe_max_images` images, so memory stays flat however many images are evaluated.
@@ -228,7 +231,9 @@ def evaluate(
     generator = torch.Generator().manual_seed(0)
     for batch in batches:
         images = batch["image"].to(device, non_blocking=True)
-        labels = batch["label"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # from the loader; float batches come normalised
+            images = finish_views(images, jitter=None)
+        labels = batch["label"].to(device, non_blocking=True).long()
         if max_images:
             keep = max_images - result.n_images
             if keep <= 0:

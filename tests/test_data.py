@@ -277,8 +277,8 @@ def test_eval_transform_resize_and_crop() -> None:
     label[:, 40:] = 3
     label[0, 0] = 255
     x, y = eval_transform(image, label, 30)
-    assert x.shape == (3, 30, 30) and x.dtype == torch.float32
-    assert y.shape == (30, 30) and y.dtype == torch.int64
+    assert x.shape == (3, 30, 30) and x.dtype == torch.uint8
+    assert y.shape == (30, 30) and y.dtype == torch.uint8
     assert set(y.unique().tolist()) <= {0, 3, 255}
     # Shorter side 60 -> 30 scales the width to 40; the centre crop keeps columns 5..34,
     # so the class border (column 40 -> 20) lands at crop column 15.
@@ -702,7 +702,7 @@ def test_stream_dataset_eval_mixed_labels(tmp_path: Path) -> None:
     source = create_dataset(cfg, "val")
     stream = StreamDataset(source, eval_sample_transform(cfg), loop=False, shuffle=False)
     (batch,) = list(DataLoader(stream, batch_size=2))
-    assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].dtype == torch.int64
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["label"].dtype == torch.uint8
     assert (batch["label"][0] == 2).all() and (batch["label"][1] == 255).all()
     assert batch["id"] == ["x", "y"]
 

@@ -13,7 +13,7 @@ import torch
 
 from san import engine
 from san.config import load_config
-from san.data.transforms import jitter_params
+from san.data.transforms import jitter_params, normalize
 from san.engine import Trainer, evaluate, finished_views
 from san.models import create_model
 
@@ -165,6 +165,35 @@ def test_probe_sample_is_bounded():
     )
     assert result.n_images == 10
     assert len(result.probe_features) == 4
+
+
+def test_evaluate_normalises_the_loaders_uint8_images_as_pre_normalised_ones():
+    """Evaluation batches leave the loader as uint8 images and uint8 labels; evaluate()
+    normalises them on its device and scores exactly as on the same images normalised
+    first (float batches are taken as normalised)."""
+    cfg = load_config(None, TINY)
+    model = create_model(cfg)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))  # sets the running centres
+    generator = torch.Generator().manual_seed(2)
+    loader = [
+        {"image": torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8, generator=generator),
+         "label": torch.randint(0, 3, (2, 32, 32), dtype=torch.uint8, generator=generator)}
+        for _ in range(3)
+    ]  # fmt: skip
+    ready = [{"image": normalize_batch(b["image"]), "label": b["label"].long()} for b in loader]
+    kept = {"n_viz": 2, "probe_pixels_per_image": 8}
+    from_loader = evaluate(model, loader, 3, torch.device("cpu"), **kept)
+    normalised = evaluate(model, ready, 3, torch.device("cpu"), **kept)
+    assert from_loader.n_images == 6 and int(from_loader.confusion.matrix.sum()) == 6 * 32 * 32
+    assert torch.equal(from_loader.confusion.matrix, normalised.confusion.matrix)
+    assert torch.equal(from_loader.viz_images[0], normalised.viz_images[0])
+    assert from_loader.viz_images[0].dtype == torch.float32
+    assert torch.equal(from_loader.probe_features[0], normalised.probe_features[0])
+
+
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    return torch.stack([normalize(image) for image in images])
 
 
 @pytest.mark.parametrize("precision", ["fp16"])

@@ -288,7 +288,9 @@ class PairLoader(DataLoader):
 
 
 class EvalSampleTransform:
-    """sample -> {"image": float 3xSxS, "label": int64 SxS (255 if missing), "id"}."""
+    """sample -> {"image": uint8 3xSxS, "label": uint8 SxS (255 if missing), "id"}.
+
+    Both stay uint8 until `san.engine.evaluate` normalises the batch on its device."""
 
     def __init__(self, cfg: DataConfig) -> None:
         self.image_size = cfg.image_size
@@ -296,7 +298,7 @@ class EvalSampleTransform:
     def __call__(self, sample: dict, generator: torch.Generator | None = None) -> dict:
         image, label = eval_transform(sample["image"], sample.get("label"), self.image_size)
         if label is None:
-            label = torch.full((self.image_size, self.image_size), 255, dtype=torch.int64)
+            label = torch.full((self.image_size, self.image_size), 255, dtype=torch.uint8)
         return {"image": image, "label": label, "id": sample["id"]}
 
 

@@ -249,19 +249,28 @@ def align_views(
 def eval_transform(
     image: Tensor, label: Tensor | None, image_size: int
 ) -> tuple[Tensor, Tensor | None]:
-    """Resize the shorter side to image_size, centre-crop a square; labels use nearest."""
+    """uint8 3xHxW image (+ uint8 HxW label) -> uint8 3 x S x S (+ uint8 S x S): the shorter
+    side resized to S = image_size (antialiased bilinear; labels nearest), centre-cropped.
+
+    The image stays uint8, as training views do: normalisation waits for the evaluation
+    device (`san.engine.evaluate` calls `finish_views`), and a batch crosses from a loader
+    worker at a quarter of float32's bytes. The uint8 resize is also the faster one, and
+    within one grey level of the float resize.
+    """
     height, width = image.shape[-2:]
     scale = image_size / min(height, width)
     new_h = max(image_size, int(round(height * scale)))
     new_w = max(image_size, int(round(width * scale)))
     top = (new_h - image_size) // 2
     left = (new_w - image_size) // 2
-    x = image.float().unsqueeze(0) / 255.0
-    x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    x = normalize(x[0].clamp(0, 1))[:, top : top + image_size, left : left + image_size]
+    x = F.interpolate(
+        image.unsqueeze(0),
+        size=(new_h, new_w),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )[0, :, top : top + image_size, left : left + image_size]
     if label is None:
         return x.contiguous(), None
-    y = label.float().view(1, 1, height, width)
-    y = F.interpolate(y, size=(new_h, new_w), mode="nearest-exact")[0, 0]
-    y = y[top : top + image_size, left : left + image_size].round().to(torch.int64)
-    return x.contiguous(), y.contiguous()
+    y = F.interpolate(label.view(1, 1, height, width), size=(new_h, new_w), mode="nearest-exact")
+    return x.contiguous(), y[0, 0, top : top + image_size, left : left + image_size].contiguous()
