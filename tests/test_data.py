@@ -285,6 +285,9 @@ def test_eval_transform_resize_and_crop() -> None:
     assert (y[:, :15] == 0).all() and (y[:, 15:] == 3).all()
     x2, y2 = eval_transform(image, None, 30)
     assert y2 is None and torch.equal(x, x2)
+    # Float batches are taken as normalised by evaluate(): float pixels are refused here.
+    with pytest.raises(ValueError, match="evaluation crops need a uint8 3xHxW image"):
+        eval_transform(image.float() / 255, label, 30)
 
 
 # ----------------------------------------------------------------------------- synthetic

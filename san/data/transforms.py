@@ -38,6 +38,17 @@ def denormalize(x: Tensor) -> Tensor:
     return (x * std + mean).clamp(0.0, 1.0)
 
 
+def require_uint8(image: Tensor, what: str) -> None:
+    """Refuse non-uint8 pixels: batches of float images are taken as already normalised
+    (pre-made batches), so float pixels from a dataset would silently skip colour jitter
+    and normalisation."""
+    if image.dtype != torch.uint8:
+        raise ValueError(
+            f"{what} need a uint8 3xHxW image (what every source decodes to); "
+            f"got {image.dtype}: a dataset must yield uint8 pixels"
+        )
+
+
 def sample_crop_box(
     height: int, width: int, min_scale: float, generator: torch.Generator
 ) -> tuple[int, int, int, int]:
@@ -182,16 +193,8 @@ class PairTransform:
         return box, flip, [1.0, 1.0, 1.0, 0.0]
 
     def __call__(self, image: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """uint8 3xHxW image -> {"views", "geometry", "jitter"}.
-
-        Only uint8: the training step takes float views as already finished (pre-made
-        batches), so float views from here would silently skip jitter and normalisation.
-        """
-        if image.dtype != torch.uint8:
-            raise ValueError(
-                f"training views need a uint8 3xHxW image (what every source decodes to); "
-                f"got {image.dtype}: a dataset must yield uint8 pixels"
-            )
+        """uint8 3xHxW image -> {"views", "geometry", "jitter"} (`require_uint8`)."""
+        require_uint8(image, "training views")
         height, width = image.shape[-2:]
         draws = [self._draw(height, width, generator) for _ in range(2)]
         views, geometry = [], []
@@ -257,6 +260,7 @@ def eval_transform(
     worker at a quarter of float32's bytes. The uint8 resize is also the faster one, and
     within one grey level of the float resize.
     """
+    require_uint8(image, "evaluation crops")
     height, width = image.shape[-2:]
     scale = image_size / min(height, width)
     new_h = max(image_size, int(round(height * scale)))
