@@ -583,6 +583,26 @@ def test_remote_shards_are_cached_locally_once_verified(s3_env, tmp_path: Path) 
         next(blocked.iter_partition(0, 1, 0, False, 0))
 
 
+def test_remote_shards_are_fetched_one_ahead(s3_env, tmp_path: Path) -> None:
+    """While a remote shard is read, the next is already being fetched (seen here as its
+    cache entry appearing), so a reader does not stall on the network at every shard
+    boundary; a reader that stops early fetches nothing further."""
+    bucket = s3_env.make_bucket("prefetched-shards")
+    manifest = write_shards(_records(6), f"{bucket}/ds/train", shard_size=2)
+    names = [f"{shard['sha256']}.parquet" for shard in manifest["shards"]]
+    cache = tmp_path / "cache"
+    stream = ShardDataset(f"{bucket}/ds", "train", cache_dir=str(cache)).iter_partition(
+        0, 1, 0, False, 0
+    )
+    assert next(stream)["id"] == "shardtest-000000"  # the first image of shard 0
+    deadline = time.monotonic() + 30
+    while not (cache / names[1]).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (cache / names[1]).exists()
+    stream.close()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(names[:2])
+
+
 @pytest.mark.e2e
 def test_shards_on_s3(s3_env) -> None:
     """Write and stream shards through a real (moto) S3 endpoint, found from the env."""
