@@ -62,8 +62,9 @@ def eval_classes(cfg: Config, source) -> int:
 
 def eval_loader(cfg: Config, source, rank: int = 0, world_size: int = 1) -> DataLoader:
     """This rank's part of `source` in evaluation batches (uint8 images, labels), read in
-    this process: each evaluation is short, and a forked loader worker's start-up would
-    cost more than it overlaps on small val splits."""
+    this process. A loader worker measured only about 5% faster (CamVid val, 32 px, 2-core
+    CPU), would be forked at every evaluation, and would keep its skipped-sample count
+    from `source.on_bad`, which run_evaluation reports."""
     stream = StreamDataset(
         source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
     )
