@@ -22,10 +22,12 @@ path is not the bottleneck.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,22 +97,60 @@ def upscaled_folder(src: Path, root: Path, n: int) -> Path:
     return root
 
 
-def compare_sources(base, sources: dict, repeats: int, n_images: int, workers_list) -> dict:
-    """{(source, how): [img/s per repeat]}: every source delivered through the training
-    DataLoader per loader setting, and read + decode alone; order alternates by repeat."""
+class CpuMeter:
+    """Cores another process (`pid`) kept busy between start() and stop(): its CPU
+    seconds (user + system, all threads, from /proc in 10 ms ticks) per wall second.
+    `busy` stays None without a pid or where /proc cannot tell (not Linux)."""
+
+    def __init__(self, pid: int = 0) -> None:
+        self.pid, self.busy = pid, None
+        self._cpu: float | None = None
+
+    def _cpu_s(self) -> float | None:
+        try:
+            stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def start(self) -> None:
+        self._cpu, self._wall = (self._cpu_s() if self.pid else None), time.perf_counter()
+
+    def stop(self) -> None:
+        cpu = self._cpu_s() if self._cpu is not None else None
+        if cpu is not None:
+            self.busy = (cpu - self._cpu) / (time.perf_counter() - self._wall)
+
+
+def compare_sources(
+    base, sources: dict, repeats: int, n_images: int, workers_list, endpoint_pid: int = 0
+) -> tuple[dict, dict]:
+    """({(source, how): [img/s per repeat]}, {(source, how): [endpoint cores busy]}):
+    every source delivered through the training DataLoader per loader setting, and read
+    + decode alone; order alternates by repeat. For sources in the S3 bucket, the second
+    dict holds the cores the S3 endpoint process kept busy while each was timed."""
     rates: dict[tuple[str, str], list[float]] = {}
+    endpoint_cores: dict[tuple[str, str], list[float]] = {}
+
+    def measure(key: tuple[str, str], remote: bool, run: Callable, cfg) -> None:
+        meter = CpuMeter(endpoint_pid if remote else 0)
+        rates.setdefault(key, []).append(run(cfg, n_images, meter))
+        if meter.busy is not None:
+            endpoint_cores.setdefault(key, []).append(meter.busy)
+
     for r in range(repeats):
         order = list(sources) if r % 2 == 0 else list(reversed(sources))
         for name in order:
             dataset, root, *cache = sources[name]
+            remote = bool(endpoint_pid) and root.startswith("s3://")
             for workers in workers_list:
                 cfg = with_data(base, dataset, root, workers, *cache)
                 key = (name, f"loader_workers={workers}")
-                rates.setdefault(key, []).append(delivered(cfg, n_images))
+                measure(key, remote, delivered, cfg)
             cfg = with_data(base, dataset, root, 0, *cache)
-            rates.setdefault((name, "read + decode only"), []).append(source_only(cfg, n_images))
+            measure((name, "read + decode only"), remote, source_only, cfg)
             print(f"repeat {r} {name}: done", flush=True)
-    return rates
+    return rates, endpoint_cores
 
 
 def ratio_rows(rates: dict, folder: str) -> list[list]:
@@ -132,33 +172,41 @@ def with_data(cfg, dataset: str, root: str, workers: int, shard_cache: str = "")
     return from_dict(values)
 
 
-def delivered(cfg, n_images: int) -> float:
+def delivered(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
     """img/s pulled from the training DataLoader and finished as `Trainer.step` finishes
-    them (colour jitter, normalisation: `finished_views`), first batch (start-up) excluded."""
+    them (colour jitter, normalisation: `finished_views`), first batch (start-up) excluded;
+    `meter` runs over the same window."""
+    meter = meter or CpuMeter()
     loader = train_loader(cfg)
     batches = iter(loader)
     next(batches)
     colour = cfg.data.jitter > 0
+    meter.start()
     seen, start = 0, time.perf_counter()
     while seen < n_images:
         seen += finished_views(next(batches), colour).shape[0] // 2
     rate = seen / (time.perf_counter() - start)
+    meter.stop()
     del batches, loader
     return rate
 
 
-def source_only(cfg, n_images: int) -> float:
+def source_only(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
     """img/s of read + decode alone (no augmentation, no DataLoader), images only, as
-    training reads them (labels are not read)."""
+    training reads them (labels are not read); `meter` runs over the same window."""
+    meter = meter or CpuMeter()
     source = create_dataset(cfg.data, cfg.data.train_split)
     source.load_labels = False
+    meter.start()
     seen, start = 0, time.perf_counter()
     while seen < n_images:
         for _ in source.iter_partition(0, 1, seen, True, 0):
             seen += 1
             if seen >= n_images:
                 break
-    return seen / (time.perf_counter() - start)
+    rate = seen / (time.perf_counter() - start)
+    meter.stop()
+    return rate
 
 
 def augment_only(cfg, n_images: int) -> tuple[float, float]:
@@ -189,7 +237,9 @@ def main() -> None:
         __doc__.splitlines()[0], lambda p: p.add_argument("--repeats", type=int, default=None)
     )
     repeats = args.repeats or (1 if args.quick else 3)
-    n_images = 32 if args.quick else 192
+    # Long enough (0.2-0.6 s a measurement) that one scheduling stall of a few tens of ms
+    # does not move a ratio: with 192 images, one 30 ms stall cost a third of a rate.
+    n_images = 32 if args.quick else 576
     steps = 3 if args.quick else 12
     facts = machine()
     base = config(args.quick)
@@ -204,8 +254,6 @@ def main() -> None:
             folder_root, origin = synthetic_folder(work / "folder", 64), "synthetic PNG 180x180"
         records = list(FolderDataset(str(folder_root), "train").iter_records())
         s3.start()
-        import os
-
         os.environ.update(s3.env)
         bucket = s3.make_bucket("bench")
         cache = work / "shard-cache"
@@ -229,7 +277,9 @@ def main() -> None:
             with_data(base, "shards", f"{bucket}/raw", 0, str(cache)).data, "train"
         )
         assert sum(1 for _ in warm.iter_partition(0, 1, 0, False, 0)) == len(records)
-        rates = compare_sources(base, sources, repeats, n_images, (0, 1))
+        rates, endpoint_cores = compare_sources(
+            base, sources, repeats, n_images, (0, 1), endpoint_pid=s3.proc.pid
+        )
         large_rows = []
         if CAMVID.is_dir() and not args.quick:
             large = upscaled_folder(CAMVID, work / "large", 128)
@@ -239,7 +289,7 @@ def main() -> None:
                 "folder, 480x360 JPEG": ("folder", str(large)),
                 "raw shards, 480x360 (local Parquet)": ("shards", str(work / "large-raw")),
             }
-            large_rates = compare_sources(base, large_sources, repeats, n_images, (0, 1))
+            large_rates, _ = compare_sources(base, large_sources, repeats, n_images, (0, 1))
             large_rows = ratio_rows(large_rates, "folder, 480x360 JPEG")
         aug_loader, aug_step = augment_only(
             with_data(base, "shards", str(work / "raw"), 0), n_images
@@ -325,6 +375,25 @@ def main() -> None:
             "per image than its parts timed alone add up to.",
         )
     )
+    if endpoint_cores:
+        cores = os.cpu_count() or 1
+        sections.append(
+            (
+                "The S3 endpoint's share of this machine",
+                "The S3 endpoint (moto's server, a Python process) runs on the same "
+                f"{cores} CPUs as the reader and the training step. Its CPU seconds per second "
+                "over each timed window (10 ms ticks), median over repeats: cores that a real "
+                "S3 endpoint spends on its own machines, taken here from the data path. The "
+                "client's share (the reader's fetch thread) is not counted here.\n\n"
+                + table(
+                    ["source", "how", f"endpoint cores busy (of {cores})", "img/s (median)"],
+                    [
+                        [name, how, median(busy), median(rates[(name, how)])]
+                        for (name, how), busy in sorted(endpoint_cores.items())
+                    ],
+                ),
+            )
+        )
     if large_rows:
         sections.append(
             (

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("cpu_step", "training step (fwd + bwd + AdamW)"),
         ("eval_path", "confusion matrix only"),
         ("gpu", "bf16 + channels_last"),
-        ("data_path", "raw shards (S3 endpoint)"),
+        ("data_path", "endpoint cores busy"),
     ],
 )
 def test_benchmark_quick(name, expect, tmp_path):
