@@ -56,6 +56,7 @@ from san.data import (
     write_shards,
 )
 from san.engine import finished_views
+from san.storage import filesystem
 
 sys.path.insert(0, str(ROOT / "tests"))
 from services import S3Server  # noqa: E402
@@ -209,6 +210,28 @@ def source_only(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
     return rate
 
 
+def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, float]:
+    """Each shard under `url` fetched whole, one at a time, as a remote reader fetches it
+    (s3fs `cat_file`), `rounds` times: MiB/s, and CPU ms per MiB in this process (the
+    client: s3fs, aiohttp, botocore's checksum) and in the S3 endpoint's."""
+    fs, root = filesystem(url)
+    paths = sorted(fs.find(root))
+    meter = CpuMeter(endpoint_pid)
+    fetched, client_cpu = 0, time.process_time()
+    meter.start()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        fetched += sum(len(fs.cat_file(path)) for path in paths)
+    wall = time.perf_counter() - start
+    meter.stop()
+    mib = fetched / 2**20
+    return {
+        "MiB/s": mib / wall,
+        "client": 1000 * (time.process_time() - client_cpu) / mib,
+        "endpoint": 1000 * (meter.busy or 0) * wall / mib,
+    }
+
+
 def augment_only(cfg, n_images: int) -> tuple[float, float]:
     """img/s of each stage of train_pair_transform on already decoded images: the
     loader's (per-image crop, resize and flip, and `collate`) and the training step's
@@ -291,6 +314,7 @@ def main() -> None:
             }
             large_rates, _ = compare_sources(base, large_sources, repeats, n_images, (0, 1))
             large_rows = ratio_rows(large_rates, "folder, 480x360 JPEG")
+        fetch = fetch_costs(f"{bucket}/raw/train", s3.proc.pid, rounds=repeats)
         aug_loader, aug_step = augment_only(
             with_data(base, "shards", str(work / "raw"), 0), n_images
         )
@@ -377,14 +401,22 @@ def main() -> None:
     )
     if endpoint_cores:
         cores = os.cpu_count() or 1
+        mib_per_image = sizes["raw"] / len(records) / 2**20
         sections.append(
             (
-                "The S3 endpoint's share of this machine",
-                "The S3 endpoint (moto's server, a Python process) runs on the same "
-                f"{cores} CPUs as the reader and the training step. Its CPU seconds per second "
-                "over each timed window (10 ms ticks), median over repeats: cores that a real "
-                "S3 endpoint spends on its own machines, taken here from the data path. The "
-                "client's share (the reader's fetch thread) is not counted here.\n\n"
+                "Where a cold S3 read's time goes",
+                f"Fetching the raw shards alone (whole files, one at a time, s3fs `cat_file`, "
+                f"as a reader without a cache does): {fetch['MiB/s']:.0f} MiB/s, costing "
+                f"{fetch['client']:.2f} ms CPU per MiB in the reader's process (s3fs, aiohttp, "
+                f"botocore's response checksum) and {fetch['endpoint']:.2f} ms in the S3 "
+                f"endpoint's. Per raw image ({mib_per_image:.3f} MiB) that is "
+                f"{fetch['client'] * mib_per_image:.3f} ms in the reader and "
+                f"{fetch['endpoint'] * mib_per_image:.3f} ms in the endpoint, next to the "
+                f"{raw_ms + loader_ms + step_ms:.3f} ms a local raw shard's image costs from "
+                f"read to finished views. The endpoint (moto's server, a Python process) runs "
+                f"on the same {cores} CPUs as the reader and the training step; a real S3 "
+                "endpoint spends its share on its own machines. Cores it kept busy over each "
+                "timed window (10 ms ticks), median over repeats:\n\n"
                 + table(
                     ["source", "how", f"endpoint cores busy (of {cores})", "img/s (median)"],
                     [
