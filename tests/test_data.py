@@ -583,6 +583,25 @@ def test_remote_shards_are_cached_locally_once_verified(s3_env, tmp_path: Path) 
         next(blocked.iter_partition(0, 1, 0, False, 0))
 
 
+def test_a_damaged_shard_cache_entry_is_fetched_again(s3_env, tmp_path: Path) -> None:
+    """A cache entry truncated after it was written (a full disk, a killed copy) is not a
+    Parquet file any more: it is fetched again and verified, not an error every epoch."""
+    bucket = s3_env.make_bucket("healed-shards")
+    manifest = write_shards(_records(4), f"{bucket}/ds/train", shard_size=2)
+    cache = tmp_path / "cache"
+    ds = ShardDataset(f"{bucket}/ds", "train", cache_dir=str(cache))
+    first = {s["id"]: s["image"] for s in ds.iter_partition(0, 1, 0, False, 0)}
+    entry = cache / f"{manifest['shards'][1]['sha256']}.parquet"
+    good = entry.read_bytes()
+    entry.write_bytes(good[: len(good) // 2])
+    again = {s["id"]: s["image"] for s in ds.iter_partition(0, 1, 1, False, 0)}
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    assert entry.read_bytes() == good
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        f"{shard['sha256']}.parquet" for shard in manifest["shards"]
+    )
+
+
 def test_remote_shards_are_fetched_one_ahead(s3_env, tmp_path: Path) -> None:
     """While a remote shard is read, the next is already being fetched (seen here as its
     cache entry appearing), so a reader does not stall on the network at every shard

@@ -325,13 +325,19 @@ class ShardDataset(ForkSafeFilesystem):
         """The local path of the shard's verified copy, fetched on first use (None when not
         caching). The copy is written to a temporary name and renamed once its sha256
         matches the manifest, so a cache entry is always a whole, checked shard, and
-        concurrent readers (loader workers, Ray workers on one node) at worst fetch twice."""
+        concurrent readers (loader workers, Ray workers on one node) at worst fetch twice.
+        An entry damaged since (truncated or overwritten, so no longer a Parquet file) is
+        fetched again rather than failing every later epoch."""
         digest = shard.get("sha256")
         if not self.cache_dir or not digest:
             return None
         path = Path(self.cache_dir) / f"{digest}.parquet"
         if path.is_file():
-            return str(path)
+            try:
+                pq.read_metadata(path)  # the footer: about 0.1 ms, once per shard and epoch
+                return str(path)
+            except Exception:
+                path.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
