@@ -9,23 +9,25 @@ synthetic validation images, twice each: confusion matrix only, and as rank 0 ru
 set size sampled every 2 ms during the call, minus the RSS just before it: it must
 not grow with the number of images.
 
-With ../shared/data/camvid present it also evaluates the real CamVid val split (JPEG
-folder) end to end, against the same batches already in memory: the difference is what
-reading, decoding and resizing cost evaluation.
+With ../shared/data/camvid present it also evaluates the real CamVid val split end to
+end, as its JPEG folder and as raw-pixel shards, against the same batches already in
+memory: the difference is what reading, decoding and resizing cost evaluation.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 from common import CAMVID, config, machine, median, parse_args, table, write_results
 
 from pipelines.loop import PROBE_PIXELS_PER_IMAGE, eval_classes, eval_loader
 from san.config import from_dict
-from san.data import create_dataset
+from san.data import FolderDataset, create_dataset, write_shards
 from san.engine import evaluate, seed_everything
 from san.models import create_model
 
@@ -103,23 +105,29 @@ def forward_only(model, cfg, n: int) -> float:
     return cfg.optim.batch_size / median(times)
 
 
-def camvid_rows(model, cfg, repeats: int) -> list[list]:
-    """CamVid val (JPEG folder) end to end vs the same batches already in memory."""
-    values = cfg.to_dict()
-    values["data"].update(dataset="folder", root=str(CAMVID), n_classes=11)
-    cfg = from_dict(values)
-    source = create_dataset(cfg.data, cfg.data.val_split)
-    loaded = list(eval_loader(cfg, source))
+def camvid_rows(model, cfg, repeats: int, work: Path) -> list[list]:
+    """CamVid val end to end vs the same batches already in memory: as the JPEG folder,
+    and as local raw shards (`prepare_data.py --image-encoding raw`, written to `work`)."""
+    records = list(FolderDataset(str(CAMVID), "val").iter_records())
+    write_shards(records, str(work / "raw" / "val"), shard_size=256, image_encoding="raw")
     extras = {"n_viz": cfg.run.n_viz_images, "probe_pixels_per_image": PROBE_PIXELS_PER_IMAGE}
-    end_to_end, in_memory = [], []
-    for _ in range(repeats):
-        end_to_end.append(run_source(model, cfg, source, rank0_extras=True)["img_s"])
-        start = time.perf_counter()
-        evaluate(model, loaded, eval_classes(cfg, source), torch.device("cpu"), **extras)
-        in_memory.append(len(source) / (time.perf_counter() - start))
-    ratios = [e / m for e, m in zip(end_to_end, in_memory, strict=True)]
-    name = f"CamVid val, {len(source)} JPEG, {cfg.data.image_size}px"
-    return [[name, median(end_to_end), median(in_memory), median(ratios)]]
+    rows = []
+    for dataset, root, what in (("folder", CAMVID, "JPEG"), ("shards", work / "raw", "raw")):
+        values = cfg.to_dict()
+        values["data"].update(dataset=dataset, root=str(root), n_classes=11)
+        real = from_dict(values)
+        source = create_dataset(real.data, "val")
+        loaded = list(eval_loader(real, source))
+        end_to_end, in_memory = [], []
+        for _ in range(repeats):
+            end_to_end.append(run_source(model, real, source, rank0_extras=True)["img_s"])
+            start = time.perf_counter()
+            evaluate(model, loaded, eval_classes(real, source), torch.device("cpu"), **extras)
+            in_memory.append(len(source) / (time.perf_counter() - start))
+        ratios = [e / m for e, m in zip(end_to_end, in_memory, strict=True)]
+        name = f"CamVid val, {len(source)} images, {what} ({dataset}), {cfg.data.image_size}px"
+        rows.append([name, median(end_to_end), median(in_memory), median(ratios)])
+    return rows
 
 
 def main() -> None:
@@ -166,7 +174,8 @@ def main() -> None:
     )
     sections = [("Setup", setup)]
     if CAMVID.is_dir():
-        real = camvid_rows(model, cfg, repeats=1 if args.quick else 5)
+        with tempfile.TemporaryDirectory(prefix="san-bench-eval-") as work:
+            real = camvid_rows(model, cfg, 1 if args.quick else 5, Path(work))
         header_real = ["data", "img/s end to end", "img/s, batches in memory", "ratio (median)"]
         sections.append(("Real data", REAL_NOTES + "\n" + table(header_real, real)))
     write_results(
@@ -181,10 +190,11 @@ def main() -> None:
 
 
 REAL_NOTES = """The real CamVid val split through run_evaluation's loader (`eval_loader`;
-confusion matrix, pictures and probe sample, as rank 0 evaluates), against evaluate()
-on the same batches already in memory, in the same repeat: the ratio is the share of
-evaluation left once reading, decoding and resizing are counted (1 = they cost
-nothing). Images stay uint8 until evaluate() normalises them on its device.
+confusion matrix, pictures and probe sample, as rank 0 evaluates): as its JPEG folder,
+and as local raw-pixel shards (what `prepare_data.py --image-encoding raw` writes),
+against evaluate() on the same batches already in memory, in the same repeat. The ratio
+is the share of evaluation left once reading, decoding and resizing are counted (1 =
+they cost nothing). Images stay uint8 until evaluate() normalises them on its device.
 """
 
 NOTES = """
