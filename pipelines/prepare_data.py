@@ -14,8 +14,9 @@ them with `data.dataset=shards data.root=<out>`.
   with the manifest last; an old manifest is removed before the first move, so readers
   never take a mix of old and new files for a complete dataset. A failed run removes its
   temporary prefix and leaves the old output untouched.
-- `--image-encoding raw` stores decoded pixels instead of the image files: no decode when
-  training reads them, at about 8x the storage for JPEGs (see san/data/shards.py).
+- `--image-encoding raw` stores decoded pixels and label ids instead of the image and label
+  files: no decode when training or evaluation reads them, at about 8x the storage for
+  JPEGs (labels stay as small as their PNGs; see san/data/shards.py).
 - Bad samples (undecodable image or label, label size different from its image) are
   reported by id, one line each on stderr; `--on-bad skip` (default) leaves them out and
   lists them in the manifest, `--on-bad fail` stops with a one-line error naming the id.
@@ -80,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--image-encoding",
         choices=IMAGE_ENCODINGS,
         default="source",
-        help="source: keep image files as they are (small); raw: decoded pixels (no decode "
-        "when training reads them, about 8x larger for JPEGs)",
+        help="source: keep image and label files as they are (small); raw: decoded pixels "
+        "and label ids (no decode when read, about 8x larger for JPEGs)",
     )
     args = parser.parse_args(argv)
     if args.shard_size < 1:

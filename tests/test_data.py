@@ -37,6 +37,7 @@ from san.data import (
     unpack_tensor,
     write_shards,
 )
+from san.data.base import decode_label
 from san.data.shards import SCHEMA, encode_png
 from san.data.transforms import (
     PairTransform,
@@ -465,13 +466,18 @@ def test_shards_roundtrip_bit_exact(tmp_path: Path) -> None:
 
 
 def test_raw_shards_hold_the_same_pixels(tmp_path: Path) -> None:
-    """image_encoding="raw" stores decoded pixels: identical images, no decode on read."""
+    """image_encoding="raw" stores decoded pixels and label ids: identical images and
+    labels, no decode on read."""
     records = _records(6)
     source = write_shards(records, str(tmp_path / "source"), shard_size=4)
     raw = write_shards(records, str(tmp_path / "raw"), shard_size=4, image_encoding="raw")
     assert (source["image_encoding"], raw["image_encoding"]) == ("source", "raw")
-    row = pq.read_table(tmp_path / "raw" / "shard-00000.parquet").to_pylist()[0]
-    assert len(row["image"]) == 24 * 24 * 3  # uint8 H x W x 3
+    assert (source["label_encoding"], raw["label_encoding"]) == ("png", "raw")
+    rows = pq.read_table(tmp_path / "raw" / "shard-00000.parquet").to_pylist()
+    assert len(rows[0]["image"]) == 24 * 24 * 3  # uint8 H x W x 3
+    assert len(rows[0]["label"]) == 24 * 24 and rows[2]["label"] is None  # uint8 H x W
+    label_column = pq.ParquetFile(tmp_path / "raw" / "shard-00000.parquet").metadata
+    assert label_column.row_group(0).column(2).compression == "ZSTD"
     as_source = {
         s["id"]: s
         for s in ShardDataset(str(tmp_path / "source"), "x").iter_partition(0, 1, 0, False, 0)
@@ -511,6 +517,43 @@ def test_raw_shard_row_of_the_wrong_size_is_skipped_by_name(tmp_path: Path) -> N
         records[2]["id"],
     ]
     assert ds.on_bad.count == 1
+    # A raw label of the wrong size is refused by name the same way, and skippable.
+    table[1]["image"] = table[0]["image"]
+    table[0]["label"] = table[0]["label"][:-24]
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), path)
+    ds.on_bad = None
+    with pytest.raises(DataError, match=f"label '{records[0]['id']}' has 552 raw bytes"):
+        list(ds.iter_partition(0, 1, 0, False, 0))
+    ds.on_bad = SkipBad(limit=1)
+    assert [s["id"] for s in ds.iter_partition(0, 1, 0, False, 0)] == [
+        records[1]["id"],
+        records[2]["id"],
+    ]
+
+
+def test_shards_from_before_label_encoding_read_their_png_labels(tmp_path: Path) -> None:
+    """Raw shards written before `label_encoding` existed kept labels as PNG files and
+    say nothing of it: they still read, labels decoded as PNG; an encoding this version
+    does not know is a one-line error naming it."""
+    records = _records(3)
+    write_shards(records, str(tmp_path / "old"), image_encoding="raw")
+    path = tmp_path / "old" / "shard-00000.parquet"
+    table = pq.read_table(path).to_pylist()
+    for row, record in zip(table, records, strict=True):
+        row["label"] = record["label_bytes"]
+    pq.write_table(pa.Table.from_pylist(table, schema=SCHEMA), path)
+    manifest_path = tmp_path / "old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["label_encoding"]
+    manifest_path.write_text(json.dumps(manifest))
+    samples = list(ShardDataset(str(tmp_path / "old"), "x").iter_partition(0, 1, 0, False, 0))
+    for sample, record in zip(samples, records, strict=True):
+        expect = None if record["label_bytes"] is None else decode_label(record["label_bytes"], "")
+        assert (sample["label"] is None) == (expect is None)
+        assert expect is None or torch.equal(sample["label"], expect)
+    manifest_path.write_text(json.dumps({**manifest, "label_encoding": "webp"}))
+    with pytest.raises(DataError, match=r"label_encoding='webp'; this version reads \['png'"):
+        ShardDataset(str(tmp_path / "old"), "x")
 
 
 def test_training_stream_does_not_read_labels(tmp_path: Path) -> None:

@@ -193,6 +193,7 @@ def test_raw_image_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
     main(_args(source, out, "--image-encoding", "raw"))
     manifest = manifest_of(out / "train")
     assert manifest["image_encoding"] == "raw" and manifest["options"]["image_encoding"] == "raw"
+    assert manifest["label_encoding"] == "raw"
     raw = {
         s["id"]: s["image"]
         for s in ShardDataset(str(out), "train").iter_partition(0, 1, 0, False, 0)

@@ -78,6 +78,17 @@ def decode_raw(data: bytes, height: int, width: int, sample_id: str) -> torch.Te
     return pixels.view(height, width, 3).permute(2, 0, 1)
 
 
+def decode_label_ids(data: bytes, height: int, width: int, sample_id: str) -> torch.Tensor:
+    """Raw uint8 class ids (height x width bytes, row-major) -> uint8 HxW tensor, as
+    `decode_label` gives; DataError naming the id if the byte count does not match."""
+    if len(data) != height * width:
+        raise DataError(
+            f"label {sample_id!r} has {len(data)} raw bytes; a {width}x{height} label "
+            f"(width x height) needs {height * width}"
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(height, width)
+
+
 def decode_label(data: bytes, sample_id: str) -> torch.Tensor:
     """Encoded single-channel PNG bytes -> uint8 HxW class ids; DataError naming the id."""
     try:
