@@ -266,24 +266,25 @@ class ShardDataset(ForkSafeFilesystem):
             raise DataError(
                 f"cannot read shard manifest under {self.url}: {first_line(exc)}"
             ) from None
-        self.image_encoding = self.manifest.get("image_encoding", "source")
-        if self.image_encoding not in IMAGE_ENCODINGS:
-            raise DataError(
-                f"shard manifest under {self.url} has image_encoding={self.image_encoding!r}; "
-                f"this version reads {list(IMAGE_ENCODINGS)}"
-            )
-        self.label_encoding = self.manifest.get("label_encoding", "png")
-        if self.label_encoding not in LABEL_ENCODINGS:
-            raise DataError(
-                f"shard manifest under {self.url} has label_encoding={self.label_encoding!r}; "
-                f"this version reads {list(LABEL_ENCODINGS)}"
-            )
+        self.image_encoding = self._encoding("image_encoding", "source", IMAGE_ENCODINGS)
+        self.label_encoding = self._encoding("label_encoding", "png", LABEL_ENCODINGS)
         self.shards: list[dict] = self.manifest["shards"]
         self.class_names: list[str] | None = self.manifest.get("class_names")
         self.n_classes: int | None = self.manifest.get("n_classes")
         self._offsets = [0]
         for shard in self.shards:
             self._offsets.append(self._offsets[-1] + int(shard["rows"]))
+
+    def _encoding(self, key: str, default: str, known: tuple[str, ...]) -> str:
+        """The manifest's `key` (`default` when absent: older manifests), if this version
+        reads it; a one-line DataError otherwise."""
+        value = self.manifest.get(key, default)
+        if value not in known:
+            raise DataError(
+                f"shard manifest under {self.url} has {key}={value!r}; "
+                f"this version reads {list(known)}"
+            )
+        return value
 
     def __len__(self) -> int:
         return self._offsets[-1]
