@@ -99,12 +99,15 @@ def upscaled_folder(src: Path, root: Path, n: int) -> Path:
 
 
 class CpuMeter:
-    """Cores another process (`pid`) kept busy between start() and stop(): its CPU
-    seconds (user + system, all threads, from /proc in 10 ms ticks) per wall second.
-    `busy` stays None without a pid or where /proc cannot tell (not Linux)."""
+    """CPU seconds another process (`pid`) used between start() and stop() (`used_s`:
+    user + system, all threads, from /proc in 10 ms ticks) and the cores it kept busy
+    (`busy`: `used_s` per wall second). Both stay None without a pid or where /proc
+    cannot tell (not Linux)."""
 
     def __init__(self, pid: int = 0) -> None:
-        self.pid, self.busy = pid, None
+        self.pid = pid
+        self.used_s: float | None = None
+        self.busy: float | None = None
         self._cpu: float | None = None
 
     def _cpu_s(self) -> float | None:
@@ -120,7 +123,8 @@ class CpuMeter:
     def stop(self) -> None:
         cpu = self._cpu_s() if self._cpu is not None else None
         if cpu is not None:
-            self.busy = (cpu - self._cpu) / (time.perf_counter() - self._wall)
+            self.used_s = cpu - self._cpu
+            self.busy = self.used_s / (time.perf_counter() - self._wall)
 
 
 def compare_sources(
@@ -228,7 +232,7 @@ def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, float]:
     return {
         "MiB/s": mib / wall,
         "client": 1000 * (time.process_time() - client_cpu) / mib,
-        "endpoint": 1000 * (meter.busy or 0) * wall / mib,
+        "endpoint": 1000 * (meter.used_s or 0) / mib,
     }
 
 
