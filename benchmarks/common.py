@@ -77,6 +77,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_bf16_flags() -> str:
+    """The CPU's native bf16 instructions (AMX-BF16, AVX512-BF16), from /proc/cpuinfo.
+
+    Without them bf16 autocast on CPU is emulated and slower than float32; with AMX a
+    bf16 matmul runs about 4x float32's rate, so a bf16 number means little without this.
+    """
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict[str, str]:
     """Facts that make a number interpretable: when, where, with which versions."""
     try:
@@ -91,6 +107,7 @@ def machine() -> dict[str, str]:
         "machine": f"{os.cpu_count()} CPUs ({cpu_model()}), {platform.machine()}",
         "load average at start (1/5/15 min)": f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}",
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "cpu bf16 instructions": cpu_bf16_flags(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "ray": ray_version,

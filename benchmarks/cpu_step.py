@@ -6,7 +6,9 @@ Model: the config defaults (resnet18 pixel encoder + vit_tiny_patch16_224, patch
 full depth 12). A step is Trainer.step on a pre-made batch (no data path): one
 forward of both views (2 x 16 images), all four losses, backward, AdamW. Forward
 alone is timed too, so the backward + optimiser share is visible. img/s counts
-source images (16 per step), not views.
+source images (16 per step), not views. Each is timed in float32 and with the CPU
+user's speed switches, bf16 autocast and channels_last (`optim.precision`,
+`optim.channels_last`), which pay on CPUs with native bf16 (AMX-BF16, AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from common import (
 )
 
 from san.config import load_config
+from san.engine import autocast
 from san.models import count_parameters
 
 
@@ -43,6 +46,15 @@ def batch(n: int, size: int) -> dict:
     }
 
 
+# The speed switches a CPU user has (config keys, as training uses them). On a CPU with
+# AMX-BF16 (Intel Sapphire Rapids and later) bf16 matmuls run about 4x float32's rate.
+VARIANTS = {
+    "fp32": [],
+    "bf16 autocast": ["optim.precision=bf16"],
+    "bf16 + channels_last": ["optim.precision=bf16", "optim.channels_last=true"],
+}
+
+
 def main() -> None:
     args = parse_args(
         __doc__.splitlines()[0], lambda p: p.add_argument("--steps", type=int, default=None)
@@ -52,49 +64,63 @@ def main() -> None:
     overrides = [f"data.image_size={size}", f"optim.batch_size={n}"]
     if args.quick:
         overrides += ["model.encoder=resnet10t", "model.vit_depth=1", "model.vit_patch_size=8"]
-    cfg = load_config(None, overrides)
     facts = machine()
-    trainer = build_trainer(cfg)
-    model = trainer.model
+    # Every variant starts from the same weights (build_trainer seeds from run.seed).
+    trainers = {
+        name: build_trainer(load_config(None, overrides + extra))
+        for name, extra in VARIANTS.items()
+    }
+    cfg = trainers["fp32"].cfg
     data = batch(n, size)
     both = torch.cat([data["view1"], data["view2"]])
-    # Both thread counts, alternating: on this shared machine 2 OpenMP threads can lose
-    # to 1 when other jobs hold the cores.
+    # Both thread counts and every variant, alternating: on this shared machine 2 OpenMP
+    # threads can lose to 1 when other jobs hold the cores.
     thread_counts = [1] if args.quick else [2, 1]
-    step_times: dict[int, list[float]] = {t: [] for t in thread_counts}
-    fwd_times: dict[int, list[float]] = {t: [] for t in thread_counts}
-    trainer.step(data)  # warm-up
+    runs = [(t, name) for t in thread_counts for name in trainers]
+    step_times: dict[tuple, list[float]] = {run: [] for run in runs}
+    fwd_times: dict[tuple, list[float]] = {run: [] for run in runs}
+    for trainer in trainers.values():
+        trainer.step(data)  # warm-up (oneDNN picks and caches its kernels)
     for r in range(1 if args.quick else 2):
-        for threads in thread_counts if r % 2 == 0 else list(reversed(thread_counts)):
+        for threads, name in runs if r % 2 == 0 else list(reversed(runs)):
             torch.set_num_threads(threads)
+            trainer = trainers[name]
             result = timed_steps(trainer, repeat(data), steps, warmup=0)
-            step_times[threads].append(result["step_s_median"])
-            model.train()
-            with torch.no_grad():
+            step_times[threads, name].append(result["step_s_median"])
+            trainer.model.train()
+            images = both.contiguous(memory_format=torch.channels_last) if (
+                trainer.cfg.optim.channels_last) else both  # fmt: skip
+            with torch.no_grad(), autocast(trainer.device, trainer.cfg.optim.precision):
                 for _ in range(max(2, steps // 2)):
                     start = time.perf_counter()
-                    model(both)
-                    fwd_times[threads].append(time.perf_counter() - start)
+                    trainer.model(images)
+                    fwd_times[threads, name].append(time.perf_counter() - start)
     rows = []
-    for threads in thread_counts:
-        fwd_s, step_s = median(fwd_times[threads]), median(step_times[threads])
-        rows.append([threads, "forward (no grad), 2 views", fwd_s * 1000, n / fwd_s, 2 * n / fwd_s])
+    for threads, name in runs:
+        fwd_s, step_s = median(fwd_times[threads, name]), median(step_times[threads, name])
+        fp32_s = median(step_times[threads, "fp32"])
         rows.append(
-            [threads, "training step (fwd + bwd + AdamW)", step_s * 1000, n / step_s,
-             2 * n / step_s]
+            [threads, name, fwd_s * 1000, step_s * 1000, n / step_s, fp32_s / step_s]
         )  # fmt: skip
-    header = ["torch threads", "what", "median ms", "img/s (source images)", "views/s"]
+    header = [
+        "torch threads", "variant", "forward ms (no grad, 2 views)",
+        "training step ms (fwd + bwd + AdamW)", "img/s (source images)", "x fp32 (same threads)",
+    ]  # fmt: skip
     setup = (
         f"{cfg.model.encoder} + {cfg.model.vit} (patch {cfg.model.vit_patch_size}, depth "
         f"{cfg.model.vit_depth or 'full (12)'}), stride {cfg.model.stride}, D "
         f"{cfg.model.embed_dim}, K {cfg.model.n_clusters}; batch {n} at {size}x{size} "
-        f"(2 views each, one forward of {2 * n}); {count_parameters(model) / 1e6:.2f} M "
-        f"parameters; precision {cfg.optim.precision}; {steps} timed steps after 1 warm-up; "
-        "alternating thread counts."
+        f"(2 views each, one forward of {2 * n}); "
+        f"{count_parameters(trainers['fp32'].model) / 1e6:.2f} M parameters; "
+        f"{steps} timed steps after 1 warm-up; thread counts and variants alternating. "
+        f"Variants are config switches (optim.precision, optim.channels_last); this CPU's "
+        f"native bf16 instructions: {facts['cpu bf16 instructions']}."
     )
     notes = (
         "Measured on a shared, loaded 2-core machine: read the img/s as an order of "
-        "magnitude (load average is in the header), not a precise rate."
+        "magnitude (load average is in the header), not a precise rate; the x fp32 column "
+        "compares variants timed alternately in the same run. bf16 pays only on a CPU with "
+        "native bf16 instructions (AMX-BF16 or AVX512-BF16); elsewhere it is emulated."
     )
     write_results(
         "cpu_step",

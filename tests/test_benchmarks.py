@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     ("name", "expect"),
     [
-        ("cpu_step", "training step (fwd + bwd + AdamW)"),
+        ("cpu_step", "| 1 | bf16 + channels_last |"),
         ("eval_path", "confusion matrix only"),
         ("gpu", "bf16 + channels_last"),
         ("data_path", "endpoint cores busy"),

@@ -104,6 +104,54 @@ def test_step_bf16_autocast():
     assert losses["loss"] > 0
 
 
+def attention_kernels(trainer: Trainer, cfg) -> set[str]:
+    """The scaled-dot-product-attention kernels one training step ran (from the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step(pair_batch(cfg.optim.batch_size, cfg.data.image_size))
+    names = {event.key for event in prof.key_averages()}
+    return {name for name in names if "attention" in name}
+
+
+@pytest.mark.parametrize(
+    ("precision", "image_size", "math"),
+    [("bf16", 32, True), ("none", 32, False), ("bf16", 136, False)],
+)
+def test_cpu_bf16_training_uses_math_attention_for_short_sequences(precision, image_size, math):
+    """On CPU under bf16 the flash-attention backward costs several times the math kernel
+    up to ~150 tokens (engine.CPU_BF16_MATH_ATTENTION_MAX_TOKENS): the step picks math
+    there (17 tokens at 32 px), and flash in float32 or for long sequences (290 tokens)."""
+    cfg = load_config(
+        None, [*TINY, f"optim.precision={precision}", f"data.image_size={image_size}"]
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(create_model(cfg), cfg, torch.device("cpu"))
+    assert trainer.math_attention is math
+    kernels = attention_kernels(trainer, cfg)
+    flash = any("flash_attention" in name for name in kernels)
+    assert flash is not math, kernels
+    assert ("aten::_scaled_dot_product_attention_math" in kernels) is math, kernels
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_bf16_on_a_cpu_without_amx_is_warned_about(amx, monkeypatch, caplog):
+    """Without AMX bf16 is emulated on a CPU and a step runs 1.15-14x slower than float32;
+    the user hears it once, at the start, with what to set instead."""
+    monkeypatch.setattr(engine, "cpu_has_amx", lambda: amx)
+    cfg = load_config(None, [*TINY, "optim.precision=bf16"])
+    with caplog.at_level("WARNING", logger="san"):
+        Trainer(create_model(cfg), cfg, torch.device("cpu"))
+    warned = [r.getMessage() for r in caplog.records if "without AMX" in r.getMessage()]
+    assert len(warned) == (0 if amx else 1)
+    assert all("optim.precision=none" in message for message in warned)
+
+
+def test_math_attention_is_chosen_only_for_a_model_with_a_vit():
+    iic = create_model(load_config(None, [*TINY, "model.name=iic"]))
+    assert not engine.uses_math_attention(iic, torch.device("cpu"), "bf16")
+
+
 def test_step_channels_last():
     trainer, _, _ = one_step("optim.channels_last=true")
     convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]

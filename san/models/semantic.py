@@ -54,6 +54,11 @@ class SemanticGenerator(nn.Module):
                 f"{len(missing)} missing and {len(unexpected)} unexpected keys"
             )
 
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per image in each ViT attention (patches plus class/register tokens)."""
+        return self.vit.patch_embed.num_patches + self.vit.num_prefix_tokens
+
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Patch tokens without the class/register tokens: (B, N, width)."""
         tokens = self.vit.forward_features(images)
