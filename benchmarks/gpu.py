@@ -4,7 +4,7 @@
 
 Each variant is the training Trainer.step with config switches (optim.precision,
 optim.channels_last, optim.compile), not benchmark-only code; the fused AdamW is
-what build_optimizer picks on CUDA. img/s counts source images (two views each).
+what build_optimizer picks on CUDA and CPU. img/s counts source images (two views each).
 MFU = (counted training FLOPs per image x img/s) / the device's bf16 matmul rate
 measured here. On a machine without a GPU the same code runs on the CPU with a
 small model, as a test of the code path: the results file then says so.

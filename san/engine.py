@@ -45,7 +45,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = torch.cuda.is_available() and all(p.is_cuda for p in model.parameters())
+    # The fused kernel (one pass per parameter, no per-op tensor lists) exists for CUDA and,
+    # since torch 2.4, for CPU. On this project's CPU it steps AdamW 3.6-4.6x faster than
+    # the foreach default (4.5 vs 16.4 ms for 7 M parameters, 12 vs 57 ms for 17 M): 3-6%
+    # of a float32 training step, 5-10% of a bf16 one. Same update, rounded differently
+    # (parameters agree to 1e-7 after 20 steps).
+    devices = {p.device.type for p in model.parameters()}
+    fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
 
 
@@ -144,7 +150,7 @@ class Trainer:
     `precision` (bf16/fp16 autocast; fp16 loss scaling on CUDA), `channels_last`
     (weights and input images in NHWC), `compile` (`torch.compile` of the model for the
     training forward; `self.model` stays the uncompiled module so state dicts and
-    evaluation are unchanged), and the fused AdamW on CUDA (`build_optimizer`).
+    evaluation are unchanged), and the fused AdamW on CUDA and CPU (`build_optimizer`).
     """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
