@@ -46,10 +46,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # The fused kernel (one pass per parameter, no per-op tensor lists) exists for CUDA and,
-    # since torch 2.4, for CPU. On this project's CPU it steps AdamW 3.3-4.6x faster than
-    # the foreach default (benchmarks/results/cpu_step.md: 12.5 vs 41.0 ms for 17 M
-    # parameters): 4% of a float32 training step there, 7% of a bf16 one. Same update,
-    # rounded differently (parameters agree to 1e-7 after 20 steps).
+    # since torch 2.4, for CPU, where torch's default is a loop over the parameters (its
+    # foreach kernels are for GPUs). On this project's CPU the fused step is 3-4x faster
+    # (benchmarks/results/cpu_step.md): about 4% of a float32 training step, 7% of a bf16
+    # one. Same update, rounded differently (parameters agree to 1e-7 after 20 steps).
     devices = {p.device.type for p in model.parameters()}
     fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)

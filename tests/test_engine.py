@@ -152,19 +152,19 @@ def test_math_attention_is_chosen_only_for_a_model_with_a_vit():
     assert not engine.uses_math_attention(iic, torch.device("cpu"), "bf16")
 
 
-def test_adamw_is_fused_on_cpu_and_takes_over_a_foreach_state():
+def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
     """build_optimizer picks the fused AdamW on CPU too; a checkpoint's optimizer state from
-    the foreach AdamW (as written before) loads into it and training goes on."""
+    torch's default AdamW (what it used on CPU before) loads into it and training goes on."""
     trainer, _, _ = one_step()
     assert trainer.optimizer.defaults["fused"] is True
     model = trainer.model
-    groups = [{**g, "params": g["params"], "fused": None} for g in trainer.optimizer.param_groups]
-    foreach = torch.optim.AdamW(groups, foreach=True)
+    groups = [{**g, "fused": None} for g in trainer.optimizer.param_groups]
+    unfused = torch.optim.AdamW(groups)
     for param in model.parameters():
         param.grad = torch.ones_like(param)
-    foreach.step()
+    unfused.step()
     resumed = engine.build_optimizer(model, trainer.cfg.optim)
-    resumed.load_state_dict(foreach.state_dict())
+    resumed.load_state_dict(unfused.state_dict())
     before = [p.detach().clone() for p in model.parameters()]
     resumed.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
