@@ -215,6 +215,10 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        # A saved state brings its param groups' kernel choice along (unfused from a CPU
+        # checkpoint written before AdamW was fused there); keep the one made for this device.
+        for group in self.optimizer.param_groups:
+            group["fused"] = self.optimizer.defaults["fused"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -153,20 +153,21 @@ def test_math_attention_is_chosen_only_for_a_model_with_a_vit():
 
 
 def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
-    """build_optimizer picks the fused AdamW on CPU too; a checkpoint's optimizer state from
-    torch's default AdamW (what it used on CPU before) loads into it and training goes on."""
+    """build_optimizer picks the fused AdamW on CPU too; resuming from a checkpoint whose
+    optimizer state came from torch's default AdamW (what it used on CPU before) keeps the
+    fused kernel, and training goes on."""
     trainer, _, _ = one_step()
     assert trainer.optimizer.defaults["fused"] is True
     model = trainer.model
-    groups = [{**g, "fused": None} for g in trainer.optimizer.param_groups]
-    unfused = torch.optim.AdamW(groups)
+    unfused = torch.optim.AdamW([{**g, "fused": None} for g in trainer.optimizer.param_groups])
     for param in model.parameters():
         param.grad = torch.ones_like(param)
     unfused.step()
-    resumed = engine.build_optimizer(model, trainer.cfg.optim)
-    resumed.load_state_dict(unfused.state_dict())
+    resumed = Trainer(model, trainer.cfg, torch.device("cpu"))
+    resumed.load_state_dict({**trainer.state_dict(), "optimizer": unfused.state_dict()})
+    assert all(group["fused"] is True for group in resumed.optimizer.param_groups)
     before = [p.detach().clone() for p in model.parameters()]
-    resumed.step()
+    resumed.optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
