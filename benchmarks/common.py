@@ -67,14 +67,19 @@ def config(quick: bool, overrides: list[str] | None = None) -> Config:
     return load_config(TINY_CONFIG, extra + list(overrides or []))
 
 
-def cpu_model() -> str:
+def cpuinfo(field: str) -> str | None:
+    """The first `field` value in /proc/cpuinfo (None where there is none: not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def cpu_model() -> str:
+    return cpuinfo("model name") or platform.processor() or "unknown"
 
 
 def cpu_bf16_flags() -> str:
@@ -84,14 +89,11 @@ def cpu_bf16_flags() -> str:
     CPU is slower than float32 (AVX512-BF16 alone: 0.72x on a matmul). A bf16 number means
     little without this.
     """
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in flags) or "none"
-    except OSError:
-        pass
-    return "unknown"
+    flags = cpuinfo("flags")
+    if flags is None:
+        return "unknown"
+    present = set(flags.split())
+    return ", ".join(f for f in ("amx_bf16", "avx512_bf16") if f in present) or "none"
 
 
 def machine() -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -63,30 +64,33 @@ def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def _from_raw(
+    data: bytes, shape: tuple[int, ...], kind: str, noun: str, sample_id: str
+) -> torch.Tensor:
+    """Raw uint8 bytes -> a uint8 tensor of `shape` (height, width[, channels]), one flat
+    copy; DataError naming the `kind` ("image", "label") and id if the byte count differs."""
+    height, width, needed = shape[0], shape[1], math.prod(shape)
+    if len(data) != needed:
+        raise DataError(
+            f"{kind} {sample_id!r} has {len(data)} raw bytes; a {width}x{height} {noun} "
+            f"(width x height) needs {needed}"
+        )
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(shape)
+
+
 def decode_raw(data: bytes, height: int, width: int, sample_id: str) -> torch.Tensor:
     """Raw uint8 H x W x 3 pixel bytes -> uint8 3xHxW tensor, as `decode_image` gives
     (a view of channels-last memory).
 
     No decode, one flat copy; DataError naming the id if the byte count does not match.
     """
-    if len(data) != 3 * height * width:
-        raise DataError(
-            f"image {sample_id!r} has {len(data)} raw bytes; a {width}x{height} RGB image "
-            f"(width x height) needs {3 * height * width}"
-        )
-    pixels = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return pixels.view(height, width, 3).permute(2, 0, 1)
+    return _from_raw(data, (height, width, 3), "image", "RGB image", sample_id).permute(2, 0, 1)
 
 
 def decode_label_ids(data: bytes, height: int, width: int, sample_id: str) -> torch.Tensor:
     """Raw uint8 class ids (height x width bytes, row-major) -> uint8 HxW tensor, as
     `decode_label` gives; DataError naming the id if the byte count does not match."""
-    if len(data) != height * width:
-        raise DataError(
-            f"label {sample_id!r} has {len(data)} raw bytes; a {width}x{height} label "
-            f"(width x height) needs {height * width}"
-        )
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(height, width)
+    return _from_raw(data, (height, width), "label", "label", sample_id)
 
 
 def decode_label(data: bytes, sample_id: str) -> torch.Tensor:
