@@ -255,6 +255,7 @@ def ray_timed_worker(loop_config: dict) -> None:
     result.update(entered_at=entered, ready_at=ready, world_size=world)
     if world > 1:
         result["allreduce_s"] = allreduce_time(trainer.model)
+        result["allreduce_s_bf16"] = allreduce_time(trainer.model, torch.bfloat16)
     if rank == 0:
         Path(loop_config["out_file"]).write_text(json.dumps(result))
     ray.train.report({"steps_per_s": result["steps_per_s"]})
@@ -297,11 +298,14 @@ def gradient_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
-def allreduce_time(model: torch.nn.Module, repeats: int = 5) -> float:
-    """Median seconds of one all-reduce of a flat buffer the size of the model's gradients."""
+def allreduce_time(
+    model: torch.nn.Module, dtype: torch.dtype = torch.float32, repeats: int = 5
+) -> float:
+    """Median seconds of one all-reduce of a flat buffer of the model's gradients in `dtype`
+    (bf16: what optim.grad_allreduce=bf16 sends)."""
     import torch.distributed as dist
 
-    buffer = torch.ones(gradient_bytes(model) // 4)
+    buffer = torch.ones(gradient_bytes(model) // 4, dtype=dtype)
     times = []
     for _ in range(repeats):
         dist.barrier()

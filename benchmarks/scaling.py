@@ -3,10 +3,11 @@
     .venv/bin/python benchmarks/scaling.py [--quick] [--repeats N] [--steps N]
 
 Each worker reserves 1 CPU (this machine has 2) and keeps its own batch (weak
-scaling: 2 workers process twice the images per step). Runs alternate 1, 2, 2, 1, ...
-The measured per-step compute, the gradient bytes DDP all-reduces per step and the
-measured all-reduce time feed a written model of multi-node scaling, printed and
-saved with the table in benchmarks/results/scaling.md.
+scaling: 2 workers process twice the images per step). Two workers run twice, with
+gradients all-reduced in float32 and in bf16 (optim.grad_allreduce); the variants
+alternate (forwards, then backwards). The measured per-step compute, the gradient
+bytes DDP all-reduces per step and the measured all-reduce times feed a written model
+of multi-node scaling, printed and saved with the table in benchmarks/results/scaling.md.
 """
 
 from __future__ import annotations
@@ -40,9 +41,14 @@ LINKS = {
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
-def with_workers(cfg, n: int):
+# (workers, optim.grad_allreduce), in the order a forward repeat runs them.
+VARIANTS = [(1, "fp32"), (2, "fp32"), (2, "bf16")]
+
+
+def with_workers(cfg, n: int, grad_allreduce: str):
     values = cfg.to_dict()
     values["run"].update(num_workers=n, cpus_per_worker=1)
+    values["optim"]["grad_allreduce"] = grad_allreduce
     return from_dict(values)
 
 
@@ -84,24 +90,30 @@ def main() -> None:
     facts = machine()
     base = config(args.quick)
     init_ray(num_cpus=2)
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    runs: dict[tuple[int, str], list[dict]] = {variant: [] for variant in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
-            for n in (1, 2) if r % 2 == 0 else (2, 1):
-                res = ray_fit(with_workers(base, n), steps, warmup, Path(tmp), f"scale-{r}-{n}")
-                runs[n].append(res)
-                print(f"repeat {r}, {n} worker(s): {res['steps_per_s']:.3f} steps/s", flush=True)
+            for n, reduce in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
+                cfg = with_workers(base, n, reduce)
+                res = ray_fit(cfg, steps, warmup, Path(tmp), f"scale-{r}-{n}-{reduce}")
+                runs[n, reduce].append(res)
+                print(
+                    f"repeat {r}, {n} worker(s), {reduce} all-reduce: "
+                    f"{res['steps_per_s']:.3f} steps/s",
+                    flush=True,
+                )
     grad_bytes = gradient_bytes(build_trainer(base).model)
     flops = training_flops(base)
     batch = base.optim.batch_size
-    one = median([r["steps_per_s"] for r in runs[1]])
+    one = median([r["steps_per_s"] for r in runs[1, "fp32"]])
     rows = []
-    for n, results in runs.items():
+    for (n, reduce), results in runs.items():
         sps = median([r["steps_per_s"] for r in results])
         rows.append(
             [
                 n,
                 "1 each",
+                reduce if n > 1 else "-",
                 sps,
                 median([r["step_s_median"] for r in results]) * 1000,
                 sps * batch * n,
@@ -112,14 +124,19 @@ def main() -> None:
     header = [
         "workers",
         "CPUs",
+        "gradient all-reduce",
         "steps/s",
         "median step ms",
         "img/s (global)",
         "img/s vs 1 worker",
         "steps/s vs 1 worker",
     ]
-    measured_ar = median([r.get("allreduce_s", float("nan")) for r in runs[2]])
-    t_compute = median([r["step_s_median"] for r in runs[1]])
+    two = runs[2, "fp32"] + runs[2, "bf16"]
+    measured_ar = (
+        median([r["allreduce_s"] for r in two]),
+        median([r["allreduce_s_bf16"] for r in two]),
+    )
+    t_compute = median([r["step_s_median"] for r in runs[1, "fp32"]])
     write_results(
         "scaling",
         "Scaling: 1 vs 2 Ray Train workers, and a multi-node model",
@@ -141,7 +158,7 @@ def main() -> None:
 
 
 def scaling_model(
-    grad_bytes: int, flops: float, batch: int, t_compute: float, measured_ar: float
+    grad_bytes: int, flops: float, batch: int, t_compute: float, measured_ar: tuple[float, float]
 ) -> str:
     """The written model: step time = compute + (non-overlapped) all-reduce, per link and N."""
     gpu_rate = 0.35 * 989e12  # H100 dense bf16 at 35% MFU: a planning number, not measured
@@ -152,7 +169,8 @@ def scaling_model(
         f"gradient bytes all-reduced per step B = {grad_bytes / 2**20:.1f} MiB (fp32, "
         f"{grad_bytes // 4 / 1e6:.2f} M parameters); 1-worker step time on this CPU "
         f"T_c = {t_compute * 1000:.0f} ms; one all-reduce of B between the 2 local gloo "
-        f"workers: {measured_ar * 1000:.1f} ms.",
+        f"workers: {measured_ar[0] * 1000:.1f} ms, and of the same gradients in bf16 "
+        f"(B/2, optim.grad_allreduce=bf16): {measured_ar[1] * 1000:.1f} ms.",
         "",
         "Model (ring all-reduce, DDP buckets of 25 MiB, weak scaling):",
         "T_step(N) = T_c + (1 - o) * T_ar(N),  T_ar(N) = 2 (N-1)/N * B / BW + 2 (N-1) * "
@@ -167,25 +185,31 @@ def scaling_model(
         "",
     ]
     header = ["link", "N", "T_ar ms", "E (CPU T_c)", "E (GPU T_c, batch as here)",
-              "GPU batch for E >= 0.9"]  # fmt: skip
+              "GPU batch for E >= 0.9", "same, bf16 all-reduce"]  # fmt: skip
     rows = []
     for link, (bandwidth, latency) in LINKS.items():
         for n in (2, 8, 64):
             t_ar = allreduce_model(grad_bytes, n, bandwidth, latency)
-            # Per-GPU batch at which compute alone hides 90% of the step: T_c' >= 9 T_ar.
-            needed = math.ceil(batch * 9 * t_ar / t_gpu) if t_ar else batch
+            t_ar_bf16 = allreduce_model(grad_bytes // 2, n, bandwidth, latency)
             rows.append([link, n, t_ar * 1000, t_compute / (t_compute + t_ar),
-                         t_gpu / (t_gpu + t_ar), needed])  # fmt: skip
+                         t_gpu / (t_gpu + t_ar), batch_for_efficiency(batch, t_gpu, t_ar),
+                         batch_for_efficiency(batch, t_gpu, t_ar_bf16)])  # fmt: skip
     lines.append(table(header, rows))
     lines += [
         "",
         "Reading: the model is small (few M parameters) but so is its compute per image, "
         "so on GPUs across nodes the all-reduce dominates at this batch; scaling stays "
-        "efficient only with large per-GPU batches (last column), gradient compression "
-        "(a bf16 DDP comm hook halves B), or fewer, faster links (stay within NVLink). "
+        "efficient only with large per-GPU batches (the last columns), gradient "
+        "compression (optim.grad_allreduce=bf16 halves B, and with it the batch needed), "
+        "or fewer, faster links (stay within NVLink). "
         "On CPUs compute dominates and scaling is near linear on any network.",
     ]
     return "\n".join(lines)
+
+
+def batch_for_efficiency(batch: int, t_gpu: float, t_ar: float) -> int:
+    """Per-GPU batch at which compute alone hides 90% of the step: T_c' >= 9 T_ar."""
+    return math.ceil(batch * 9 * t_ar / t_gpu) if t_ar else batch
 
 
 NOTES = """

@@ -141,6 +141,16 @@ class OptimConfig:
     # convolutions on tensor-core GPUs and on AMX CPUs, with bf16 (on this project's AMX
     # Xeon: +7-12% on a bf16 step, nothing in float32). It changes nothing numerically.
     channels_last: bool = False
+    # Precision of the gradients DDP all-reduces between workers (two or more workers;
+    # one worker has no all-reduce): "fp32", "bf16" or "fp16". bf16/fp16 halve the bytes
+    # each step sends (PyTorch's compression comm hooks: each bucket is cast down and
+    # divided by the worker count, summed across workers and cast back). The optimizer
+    # still steps in float32, on gradients rounded to 8 (bf16) or 11 (fp16) significant
+    # bits. Worth it across nodes, where the all-reduce of a small model like SAN's
+    # outweighs its GPU compute (benchmarks/results/scaling.md); on one node, or on CPUs,
+    # it changes little. Prefer bf16 (float32's range); fp16 can overflow on large
+    # (loss-scaled) gradients.
+    grad_allreduce: str = "fp32"
 
 
 @dataclass
@@ -207,6 +217,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
         "potsdam3",
     ),
     "optim.precision": ("none", "bf16", "fp16"),
+    "optim.grad_allreduce": ("fp32", "bf16", "fp16"),
     "run.use_gpu": ("auto", "true", "false"),
 }
 # (lower, upper, lower_inclusive); upper is inclusive, None means unbounded.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from san.config import Config, OptimConfig
@@ -53,6 +54,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     devices = {p.device.type for p in model.parameters()}
     fused = len(devices) == 1 and devices <= {"cuda", "cpu"}
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
+
+
+def compress_gradient_allreduce(model: nn.Module, precision: str) -> bool:
+    """Make DDP all-reduce gradients in bf16/fp16 (`optim.grad_allreduce`); True if it does.
+
+    A no-op for "fp32" and for a model that is not DDP-wrapped (one worker: nothing is
+    all-reduced). Must run before the first backward, as DDP requires of comm hooks.
+    """
+    if precision == "fp32" or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    hooks = {"bf16": default_hooks.bf16_compress_hook, "fp16": default_hooks.fp16_compress_hook}
+    model.register_comm_hook(None, hooks[precision])  # None: the default (world) group
+    return True
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig):
@@ -150,7 +164,8 @@ class Trainer:
     `precision` (bf16/fp16 autocast; fp16 loss scaling on CUDA), `channels_last`
     (weights and input images in NHWC), `compile` (`torch.compile` of the model for the
     training forward; `self.model` stays the uncompiled module so state dicts and
-    evaluation are unchanged), and the fused AdamW on CUDA and CPU (`build_optimizer`).
+    evaluation are unchanged), the fused AdamW on CUDA and CPU (`build_optimizer`), and
+    `grad_allreduce` (DDP's gradient all-reduce in bf16/fp16, for a DDP-wrapped model).
     """
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device) -> None:
@@ -172,6 +187,9 @@ class Trainer:
                 "than float32 (0.07-0.87x, by instruction set); use optim.precision=none"
             )
         self.math_attention = uses_math_attention(model, device, cfg.optim.precision)
+        compressed = compress_gradient_allreduce(model, cfg.optim.grad_allreduce)
+        if compressed and torch.distributed.get_rank() == 0:
+            log.info("DDP all-reduces gradients in %s", cfg.optim.grad_allreduce)
         # fp16 needs loss scaling; bf16 and fp32 do not.
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=cfg.optim.precision == "fp16" and device.type == "cuda"

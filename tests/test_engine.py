@@ -172,6 +172,34 @@ def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A real (gloo) process group of one rank, for DDP; destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_ddp_all_reduces_gradients_in_the_configured_precision(precision, one_process_group):
+    """optim.grad_allreduce=bf16/fp16 makes DDP send (and so return) gradients rounded to
+    that type; fp32 leaves them as backward made them. A model without DDP is left alone."""
+    cfg = load_config(None, [*TINY, f"optim.grad_allreduce={precision}", "optim.grad_clip=0"])
+    torch.manual_seed(0)
+    plain = create_model(cfg)
+    assert not engine.compress_gradient_allreduce(plain, precision)
+    model = torch.nn.parallel.DistributedDataParallel(plain)
+    trainer = Trainer(model, cfg, torch.device("cpu"))
+    trainer.step(pair_batch(cfg.optim.batch_size, cfg.data.image_size))
+    grads = [p.grad for p in plain.parameters() if p.grad is not None]
+    assert len(grads) > len(list(plain.parameters())) // 2
+    for dtype in (torch.bfloat16, torch.float16):
+        rounded = all(torch.equal(g, g.to(dtype).float()) for g in grads)
+        assert rounded == (precision == {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+
+
 def test_step_channels_last():
     trainer, _, _ = one_step("optim.channels_last=true")
     convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]

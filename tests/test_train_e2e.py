@@ -37,7 +37,8 @@ def run_pipeline(script: str, args: list[str], env: dict[str, str], timeout: flo
 
 
 def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, tmp_path):
-    """Two DDP workers on a folder dataset holding one corrupt image, checkpoints to S3."""
+    """Two DDP workers (gradients all-reduced in bf16) on a folder dataset holding one
+    corrupt image, checkpoints to S3."""
     bucket = s3_server.make_bucket("san-e2e").removeprefix("s3://")
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server.uri, **s3_server.env)
     data = write_folder(tmp_path / "data", n=20)
@@ -53,12 +54,14 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
             f"data.root={data}",
             "run.num_workers=2",
             "run.cpus_per_worker=1",
+            "optim.grad_allreduce=bf16",
             f"run.storage=s3://{bucket}/runs",
             "run.name=e2e-s3",
         ],
         env,
     )
     assert "step 6/6" in proc.stderr  # progress lines reach the terminal
+    assert proc.stderr.count("DDP all-reduces gradients in bf16") == 1  # rank 0 says so
     assert "skipped bad sample 1 of at most 100: image 'img1' could not be decoded" in proc.stderr
     checkpoint = result["checkpoint"]
     assert checkpoint == f"s3://{bucket}/runs/e2e-s3/checkpoint_0000006"
