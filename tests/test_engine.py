@@ -182,17 +182,26 @@ def one_process_group(tmp_path):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_ddp_all_reduces_gradients_in_the_configured_precision(precision, one_process_group):
+@pytest.mark.parametrize(
+    "precision, compiled", [("fp32", False), ("bf16", False), ("fp16", False), ("bf16", True)]
+)
+def test_ddp_all_reduces_gradients_in_the_configured_precision(
+    precision, compiled, one_process_group, monkeypatch
+):
     """optim.grad_allreduce=bf16/fp16 makes DDP send (and so return) gradients rounded to
-    that type; fp32 leaves them as backward made them. A model without DDP is left alone."""
-    cfg = load_config(None, [*TINY, f"optim.grad_allreduce={precision}", "optim.grad_clip=0"])
+    that type, also under torch.compile; fp32 leaves them as backward made them. A model
+    without DDP is left alone."""
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    overrides = [f"optim.grad_allreduce={precision}", "optim.grad_clip=0"]
+    cfg = load_config(None, [*TINY, *overrides, f"optim.compile={str(compiled).lower()}"])
     torch.manual_seed(0)
     plain = create_model(cfg)
     assert not engine.compress_gradient_allreduce(plain, precision)
     model = torch.nn.parallel.DistributedDataParallel(plain)
     trainer = Trainer(model, cfg, torch.device("cpu"))
     trainer.step(pair_batch(cfg.optim.batch_size, cfg.data.image_size))
+    assert (trainer.forward_model is not trainer.model) == compiled
     grads = [p.grad for p in plain.parameters() if p.grad is not None]
     assert len(grads) > len(list(plain.parameters())) // 2
     for dtype in (torch.bfloat16, torch.float16):
