@@ -246,13 +246,30 @@ def test_step_compile_tiny_model(backend, monkeypatch):
     monkeypatch.setattr(engine, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     trainer, _, elapsed = one_step("optim.compile=true")
+    check_compiled_training(trainer)
+    print(f"first compiled step {elapsed:.1f}s")
+
+
+def test_step_compile_under_cpu_bf16_with_math_attention(monkeypatch):
+    """Compile, bf16 autocast and the math-attention choice together (aot_eager backend)."""
+    monkeypatch.setattr(engine, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    trainer, _, _ = one_step("optim.compile=true", "optim.precision=bf16")
+    assert trainer.math_attention
+    check_compiled_training(trainer)
+    # Compiled, the math kernel is decomposed into matmuls and softmax: no flash kernel runs
+    # (in float32 the same compiled step runs flash forward and backward).
+    kernels = attention_kernels(trainer, trainer.cfg)
+    assert not any("flash_attention" in name for name in kernels), kernels
+
+
+def check_compiled_training(trainer: Trainer) -> None:
     assert trainer.forward_model is not trainer.model  # the compiled wrapper is what ran
     # State dicts keep their plain keys: checkpoints of compiled runs load anywhere.
     assert not any(k.startswith("_orig_mod") for k in trainer.model.state_dict())
     # A second step reuses the compiled graph and still learns.
     second = trainer.step(pair_batch(2, 32))
     assert torch.isfinite(torch.tensor(second["loss"]))
-    print(f"first compiled step {elapsed:.1f}s")
 
 
 def test_probe_sample_is_bounded():
