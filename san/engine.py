@@ -210,6 +210,11 @@ class Trainer:
             # One forward over both views: the centres are pooled from both, and
             # BatchNorm and the SEAT centres see the whole batch once.
             both = self.forward_model(images)
+        if self.cfg.optim.precision != "none":
+            # Autocast leaves the outputs in bf16/fp16, and ops outside it keep their inputs'
+            # type: without this the losses (MI's joint distribution and its logs, the L2
+            # means over every pixel) would be computed in half precision (bf16: 8 bits).
+            both = {k: v.float() if v.is_floating_point() else v for k, v in both.items()}
         out1, out2 = split_outputs(both, n)
         total, terms = self.loss_fn(out1, out2, batch)
         if not torch.isfinite(total):

@@ -99,9 +99,24 @@ def test_step_fp32_baseline():
     assert losses["loss"] > 0
 
 
-def test_step_bf16_autocast():
-    _, losses, _ = one_step("optim.precision=bf16")
+def test_step_bf16_autocast_computes_the_losses_in_float32():
+    """The model runs in bf16; its outputs reach the losses as float32 (in bf16 the MI
+    term's joint distribution and logs would keep 8 significant bits)."""
+    trainer, losses, _ = one_step("optim.precision=bf16")
     assert losses["loss"] > 0
+    seen = []
+    loss_fn = trainer.loss_fn
+
+    def recording_loss(out1, out2, batch):
+        seen.extend(value.dtype for value in (*out1.values(), *out2.values()))
+        return loss_fn(out1, out2, batch)
+
+    trainer.loss_fn = recording_loss
+    with engine.autocast(trainer.device, "bf16"):
+        model_dtypes = {v.dtype for v in trainer.model(pair_batch(2, 32)["view1"]).values()}
+    assert model_dtypes == {torch.bfloat16}  # what the losses would get without the cast
+    trainer.step(pair_batch(2, 32))
+    assert seen and set(seen) == {torch.float32}
 
 
 def attention_kernels(trainer: Trainer, cfg) -> set[str]:
