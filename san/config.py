@@ -128,10 +128,10 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Mixed precision: "none", "bf16" (Ampere+ GPUs; CPUs with AMX) or "fp16" (GPU only).
     # On a CPU with AMX (Intel Sapphire Rapids and later) bf16 with channels_last makes a
-    # training step 1.7-2.0x faster (benchmarks/results/cpu_step.md); CamVid quality over
-    # 6 seeds: mIoU 18.6 +- 2.5 vs 19.2 +- 3.2 in float32, linear probe 30.0 +- 4.4 vs
-    # 33.5 +- 4.6, no difference resolved (README). On a CPU without AMX bf16 is slower
-    # than float32, down to 14x on AVX2 (a warning says so).
+    # training step 1.7-2.0x faster (benchmarks/results/cpu_step.md), with the same CamVid
+    # quality over 12 seeds (mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear probe 31.4
+    # +- 4.6 vs 31.5 +- 4.1; the losses always run in float32). On a CPU without AMX bf16
+    # is slower than float32, down to 14x on AVX2 (a warning says so).
     # "none" by default: float32 runs give the same numbers on every machine.
     precision: str = "none"
     # torch.compile the model (slow first step; worth it for long GPU runs). Used by the
