@@ -1,6 +1,6 @@
 """One SAN training step on this CPU at the paper-like size (issue 2): batch 16, 96x96.
 
-    .venv/bin/python benchmarks/cpu_step.py [--quick] [--steps N]
+    .venv/bin/python benchmarks/cpu_step.py [--quick] [--steps N] [--compile]
 
 Model: the config defaults (resnet18 pixel encoder + vit_tiny_patch16_224, patch 16,
 full depth 12). A step is Trainer.step on a pre-made batch (no data path): one
@@ -9,10 +9,15 @@ alone is timed too, so the backward + optimiser share is visible. img/s counts
 source images (16 per step), not views. Each is timed in float32 and with the CPU
 user's speed switches, bf16 autocast and channels_last (`optim.precision`,
 `optim.channels_last`), which pay on CPUs with AMX (san.engine.cpu_has_amx).
+--compile adds both with `optim.compile` (torch.compile, inductor: C++ kernels on CPU);
+their first step, which compiles, is reported apart.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -53,6 +58,10 @@ VARIANTS = {
     "bf16 autocast": ["optim.precision=bf16"],
     "bf16 + channels_last": ["optim.precision=bf16", "optim.channels_last=true"],
 }
+COMPILE_VARIANTS = {
+    "fp32 + compile": ["optim.compile=true"],
+    "bf16 + channels_last + compile": VARIANTS["bf16 + channels_last"] + ["optim.compile=true"],
+}
 
 
 def optimizer_step_ms(model: torch.nn.Module, cfg, fused: bool, repeats: int) -> float:
@@ -81,19 +90,28 @@ def optimizer_step_ms(model: torch.nn.Module, cfg, fused: bool, repeats: int) ->
 
 
 def main() -> None:
-    args = parse_args(
-        __doc__.splitlines()[0], lambda p: p.add_argument("--steps", type=int, default=None)
-    )
+    def extra_args(parser):
+        parser.add_argument("--steps", type=int, default=None)
+        parser.add_argument("--compile", action="store_true", help="add optim.compile variants")
+
+    args = parse_args(__doc__.splitlines()[0], extra_args)
     size, n = (32, 2) if args.quick else (96, 16)
     steps = args.steps or (2 if args.quick else 3)
     overrides = [f"data.image_size={size}", f"optim.batch_size={n}"]
     if args.quick:
         overrides += ["model.encoder=resnet10t", "model.vit_depth=1", "model.vit_patch_size=8"]
     facts = machine()
+    variants = dict(VARIANTS)
+    if args.compile:
+        variants.update(COMPILE_VARIANTS)
+        # A cold compile, as a user's first run has: inductor otherwise reuses the kernels
+        # an earlier run left in its on-disk cache. (Importing torch already set the
+        # variable to the default cache; inductor reads it on every use.)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     # Every variant starts from the same weights (build_trainer seeds from run.seed).
     trainers = {
         name: build_trainer(load_config(None, overrides + extra))
-        for name, extra in VARIANTS.items()
+        for name, extra in variants.items()
     }
     cfg = trainers["fp32"].cfg
     data = batch(n, size)
@@ -104,14 +122,19 @@ def main() -> None:
     runs = [(t, name) for t in thread_counts for name in trainers]
     step_times: dict[tuple, list[float]] = {run: [] for run in runs}
     fwd_times: dict[tuple, list[float]] = {run: [] for run in runs}
-    for trainer in trainers.values():
-        trainer.step(data)  # warm-up (oneDNN picks and caches its kernels)
+    first_step_s = {}
+    for name, trainer in trainers.items():
+        start = time.perf_counter()
+        trainer.step(data)  # warm-up (oneDNN picks and caches its kernels; compiles)
+        first_step_s[name] = time.perf_counter() - start
     for r in range(1 if args.quick else 2):
         for threads, name in runs if r % 2 == 0 else list(reversed(runs)):
             torch.set_num_threads(threads)
             trainer = trainers[name]
             result = timed_steps(trainer, repeat(data), steps, warmup=0)
             step_times[threads, name].append(result["step_s_median"])
+            if trainer.cfg.optim.compile:
+                continue  # compiles the training step only; its forward is the eager one
             trainer.model.train()
             images = both.contiguous(memory_format=torch.channels_last) if (
                 trainer.cfg.optim.channels_last) else both  # fmt: skip
@@ -128,14 +151,19 @@ def main() -> None:
     fused_ms, default_ms = median(adamw[True]), median(adamw[False])
     rows = []
     for threads, name in runs:
-        fwd_s, step_s = median(fwd_times[threads, name]), median(step_times[threads, name])
+        step_s = median(step_times[threads, name])
+        fwd_ms = median(fwd_times[threads, name]) * 1000 if fwd_times[threads, name] else "-"
         fp32_s = median(step_times[threads, "fp32"])
+        eager = name.removesuffix(" + compile")
+        versus_eager = median(step_times[threads, eager]) / step_s if eager != name else "-"
         rows.append(
-            [threads, name, fwd_s * 1000, step_s * 1000, n / step_s, fp32_s / step_s]
+            [threads, name, fwd_ms, step_s * 1000, n / step_s, fp32_s / step_s,
+             versus_eager]
         )  # fmt: skip
     header = [
         "torch threads", "variant", "forward ms (no grad, 2 views)",
         "training step ms (fwd + bwd + AdamW)", "img/s (source images)", "x fp32 (same threads)",
+        "x same variant uncompiled",
     ]  # fmt: skip
     setup = (
         f"{cfg.model.encoder} + {cfg.model.vit} (patch {cfg.model.vit_patch_size}, depth "
@@ -144,9 +172,17 @@ def main() -> None:
         f"(2 views each, one forward of {2 * n}); "
         f"{count_parameters(trainers['fp32'].model) / 1e6:.2f} M parameters; "
         f"{steps} timed steps after 1 warm-up; thread counts and variants alternating. "
-        f"Variants are config switches (optim.precision, optim.channels_last); this CPU's "
-        f"native bf16 instructions: {facts['cpu bf16 instructions']}."
+        f"Variants are config switches (optim.precision, optim.channels_last"
+        f"{', optim.compile' if args.compile else ''}); this CPU's native bf16 instructions: "
+        f"{facts['cpu bf16 instructions']}."
     )
+    if args.compile:
+        setup += " First step (compiles; cold inductor cache, torch threads " + (
+            f"{torch.get_num_threads()}): "
+            + ", ".join(f"{name} {first_step_s[name]:.0f} s" for name in COMPILE_VARIANTS)
+            + f"; uncompiled {first_step_s['fp32']:.1f} s. The compiled kernels are "
+            "generated for the thread count of the first step and run at every thread count above."
+        )
     notes = (
         "Measured on a shared, loaded 2-core machine: read the img/s as an order of "
         "magnitude (load average is in the header), not a precise rate; the x fp32 column "
@@ -174,6 +210,8 @@ def main() -> None:
             ),
         ],
     )
+    if args.compile:
+        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

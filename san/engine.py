@@ -140,8 +140,8 @@ def finished_views(batch: dict, colour_jitter: bool) -> torch.Tensor:
 
 
 # torch.compile backend used by `optim.compile`. Inductor generates fused kernels (C++ on
-# CPU, Triton on GPU); tests swap in "aot_eager" (same graph capture and autograd, no code
-# generation) because inductor's C++ build takes many minutes on a small shared CPU.
+# CPU, Triton on GPU); most tests swap in "aot_eager" (same graph capture and autograd, no
+# code generation): inductor's C++ build of even the tiny test model takes ~80 s on 2 cores.
 COMPILE_BACKEND = "inductor"
 
 

@@ -5,7 +5,6 @@ through one real `Trainer.step` here: the loss is finite and the parameters move
 `torch.compile` runs on a tiny model because its first (compiling) step is the slow part.
 """
 
-import os
 import time
 
 import pytest
@@ -242,25 +241,24 @@ def test_step_bf16_channels_last_then_evaluate():
     assert int(result.confusion.matrix.sum()) == 2 * 32 * 32
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "aot_eager",
-        pytest.param(
-            "inductor",
-            marks=pytest.mark.skipif(
-                os.environ.get("SAN_TEST_INDUCTOR") != "1",
-                reason="inductor's C++ build of the model took > 12 min on the shared 2-core "
-                "CPU; set SAN_TEST_INDUCTOR=1 to run it (aot_eager covers capture + autograd)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_step_compile_tiny_model(backend, monkeypatch):
-    """optim.compile=true: Dynamo capture of the real model, compiled forward and backward."""
+    """optim.compile=true computes the eager model's step: the same losses and gradients,
+    to float rounding. With the capture-and-autograd-only backend, and with inductor, what
+    users run (generated C++ kernels on CPU; about 80 s to build on 2 cores)."""
     monkeypatch.setattr(engine, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
-    trainer, _, elapsed = one_step("optim.compile=true")
+    eager, eager_losses, _ = one_step()
+    trainer, losses, elapsed = one_step("optim.compile=true")
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    # Rounding grows through the backbone's BatchNorm backward (to ~1e-4 of a gradient's
+    # norm with inductor's own reductions). Gradients that are zero in exact arithmetic
+    # (a bias under an affine-free BatchNorm, the attention keys' bias) are rounding only.
+    pairs = zip(eager.model.named_parameters(), trainer.model.parameters(), strict=True)
+    for (name, expected), got in pairs:
+        if expected.grad is not None and expected.grad.norm() > 1e-6:
+            error = (got.grad - expected.grad).norm() / expected.grad.norm()
+            assert error < 1e-3, f"{name}: gradient off by {error:.1e} of its norm"
     check_compiled_training(trainer)
     print(f"first compiled step {elapsed:.1f}s")
 

@@ -157,3 +157,81 @@ def test_trainer_step_changes_parameters_and_state_round_trips():
     other = Trainer(create_model(cfg), cfg, torch.device("cpu"))
     other.load_state_dict(trainer.state_dict())
     assert other.scheduler.last_epoch == trainer.scheduler.last_epoch == 1
+
+
+def _compiled_graphs(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """fn compiled (graph capture and autograd, no code generation): output, input
+    gradient and the text of the forward and backward graphs it ran."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(graph, example_inputs):
+        graphs.append(graph.code)
+        return make_boxed_func(graph.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    x = x.detach().requires_grad_()
+    out = compiled(x)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    torch._dynamo.reset()
+    return out.detach(), x.grad, "\n".join(graphs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((2, 3, 5, 7), False), ((2, 4, 1, 6), False), ((3, 8, 6, 6), True)],
+)
+def test_upsample_matches_interpolate_and_compiles_without_a_scatter(shape, channels_last):
+    """Under torch.compile an exact x2 bilinear resize takes the sliced path: the same
+    values and gradients as F.interpolate, and no index_put (inductor's serial CPU
+    scatter) in the backward graph, where compiling F.interpolate itself has one."""
+    from san.models.upsample import upsample_bilinear
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    size = (2 * shape[2], 2 * shape[3])
+
+    def reference(t):
+        return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+
+    ref = x.detach().requires_grad_()
+    expected = reference(ref)
+    (expected * torch.arange(expected.numel()).view_as(expected).sin()).sum().backward()
+    out, grad, graphs = _compiled_graphs(lambda t: upsample_bilinear(t, size), x)
+    torch.testing.assert_close(out, expected.detach())
+    torch.testing.assert_close(grad, ref.grad)
+    assert "index_put" not in graphs and "cat" in graphs
+    _, _, interpolate_graphs = _compiled_graphs(reference, x)
+    assert "index_put" in interpolate_graphs
+    # Eager, and sizes that are not an exact doubling, use F.interpolate itself.
+    torch.testing.assert_close(upsample_bilinear(x, size), expected.detach(), rtol=0, atol=0)
+    odd = (2 * shape[2] - 1, 2 * shape[3] + 1)
+    out, _, graphs = _compiled_graphs(lambda t: upsample_bilinear(t, odd), x)
+    torch.testing.assert_close(
+        out, F.interpolate(x, size=odd, mode="bilinear", align_corners=False)
+    )
+    assert "index_put" in graphs
+
+
+def test_training_forward_is_one_graph_and_running_centres_average_the_batches():
+    """The running centres take the first batch's centres, then a momentum average, with no
+    Python branch on the buffer: torch.compile captures the training forward whole (a
+    branch there split it in two and compiled again at the second step)."""
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8")
+    torch.manual_seed(0)
+    model = create_model(cfg).train()
+    first, second = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    centres1 = model(first)["centres"].detach()
+    assert torch.equal(model.running_centres, centres1)
+    centres2 = model(second)["centres"].detach()
+    torch.testing.assert_close(model.running_centres, centres1.lerp(centres2, 0.1))
+    assert int(model.centres_seen) == 2
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(first)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

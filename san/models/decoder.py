@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from san.models.upsample import Upsample2x
+
 
 class Decoder(nn.Module):
     """Features (B, D, h, w) at `stride` -> image (B, 3, h*stride, w*stride)."""
@@ -16,7 +18,7 @@ class Decoder(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(embed_dim, width, 3, padding=1), nn.GELU()]
         for _ in range(int(math.log2(stride))):
             layers += [
-                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                Upsample2x(),
                 nn.Conv2d(width, width, 3, padding=1),
                 nn.GELU(),
             ]

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from san.models.upsample import upsample_bilinear
 
 
 class PixelEncoder(nn.Module):
@@ -51,7 +52,5 @@ class PixelEncoder(nn.Module):
         fused = self.lateral[-1](features[-1])
         for level in range(len(features) - 2, -1, -1):
             lateral = self.lateral[level](features[level])
-            fused = lateral + F.interpolate(
-                fused, size=lateral.shape[-2:], mode="bilinear", align_corners=False
-            )
+            fused = lateral + upsample_bilinear(fused, lateral.shape[-2:])
         return self.fuse(fused)

@@ -84,10 +84,11 @@ class SAN(SegmentationModel):
     @torch.no_grad()
     def _update_running_centres(self, centres: torch.Tensor) -> None:
         centres = centres.float()
-        if self.centres_seen == 0:
-            self.running_centres.copy_(centres)
-        else:
-            self.running_centres.lerp_(centres, 1 - self.centre_momentum)
+        # The first batch's centres replace the zeros (lerp weight 1 is exact), later ones
+        # are averaged in. No Python branch on the buffer: torch.compile (optim.compile)
+        # would break the forward into two graphs there and compile again at step two.
+        weight = torch.where(self.centres_seen == 0, 1.0, 1 - self.centre_momentum)
+        self.running_centres.lerp_(centres, weight)
         self.centres_seen += 1
 
 
