@@ -190,6 +190,19 @@ def main() -> None:
         "AMX: with oneDNN limited to AVX512-BF16 the default.yaml step ran at 0.87x of "
         "float32, to AVX512 0.42x, to AVX2 0.07x (training warns without AMX)."
     )
+    if args.compile:
+        notes += (
+            "\n\ntorch.compile (inductor) on CPU: the step is convolutions and matmuls that "
+            "run in the same oneDNN kernels compiled or not, so fusing the elementwise rest "
+            "buys little. Before two model changes the compiled step was slower than eager, "
+            "at 2 threads 0.83x (fp32, 1034 vs 858 ms) and 0.78x (bf16 + channels_last, 641 "
+            "vs 501 ms): traced bilinear upsampling becomes gathers whose backward is a "
+            "scatter-add that inductor's CPU code runs serially (133 ms per step in the "
+            "decoder's last x2 upsample, from torch.profiler with inductor's kernel "
+            "profile), and a Python branch on the running-centres buffer split the forward "
+            "into two graphs and compiled again at step two. san/models/upsample.py "
+            "doubles without a gather under compile, and the update is branchless."
+        )
     write_results(
         "cpu_step",
         "SAN training step on CPU: batch 16, 96x96, resnet18 + ViT-tiny/16 (full depth)",

@@ -128,14 +128,17 @@ class OptimConfig:
     grad_clip: float = 1.0
     # Mixed precision: "none", "bf16" (Ampere+ GPUs; CPUs with AMX) or "fp16" (GPU only).
     # On a CPU with AMX (Intel Sapphire Rapids and later) bf16 with channels_last makes a
-    # training step 1.7-2.0x faster (benchmarks/results/cpu_step.md), with the same CamVid
+    # training step 1.65-2.0x faster (benchmarks/results/cpu_step.md), with the same CamVid
     # quality over 12 seeds (mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear probe 31.4
     # +- 4.6 vs 31.5 +- 4.1; the losses always run in float32). On a CPU without AMX bf16
     # is slower than float32, down to 14x on AVX2 (a warning says so).
     # "none" by default: float32 runs give the same numbers on every machine.
     precision: str = "none"
-    # torch.compile the model (slow first step; worth it for long GPU runs). Used by the
-    # training step only; evaluation and checkpoints use the plain module.
+    # torch.compile the model (inductor) for the training step; evaluation and checkpoints
+    # use the plain module. Meant for long GPU runs (not yet measured on a GPU). On CPU it
+    # does not pay: the first step compiles for ~100 s on 2 cores, then a step runs at
+    # 0.94-1.05x of eager (benchmarks/results/cpu_step.md), as the convolutions and
+    # matmuls that make up the step run in the same oneDNN kernels either way.
     compile: bool = False
     # Store conv weights and feed images in channels_last (NHWC) memory format: faster
     # convolutions on tensor-core GPUs and on AMX CPUs, with bf16 (on this project's AMX
