@@ -197,7 +197,7 @@ def main() -> None:
             "buys little. Before two model changes the compiled step was slower than eager, "
             "at 2 threads 0.83x (fp32, 1034 vs 858 ms) and 0.78x (bf16 + channels_last, 641 "
             "vs 501 ms): traced bilinear upsampling becomes gathers whose backward is a "
-            "scatter-add that inductor's CPU code runs serially (133 ms per step in the "
+            "scatter-add that inductor's CPU code runs serially (133 ms per float32 step in the "
             "decoder's last x2 upsample, from torch.profiler with inductor's kernel "
             "profile), and a Python branch on the running-centres buffer split the forward "
             "into two graphs and compiled again at step two. san/models/upsample.py "

@@ -3,8 +3,8 @@
 Why not plain `F.interpolate` everywhere: when torch.compile traces a model, PyTorch
 decomposes bilinear upsampling into gathers, whose backward is a scatter-add
 (`index_put` with accumulate). Inductor's CPU code runs that scatter serially: at the
-default 96 px the decoder's last x2 upsample alone took 133 ms of a 630 ms bf16 step,
-and a compiled training step ran at 0.75x of eager (benchmarks/results/cpu_step.md).
+default 96 px the decoder's last x2 upsample alone took 133 ms of a ~1 s float32 step,
+and a compiled training step ran at 0.78-0.83x of eager (benchmarks/results/cpu_step.md).
 An exact x2 resize needs no gather: with align_corners=False each output pixel is
 0.75 x its source pixel + 0.25 x the neighbour on its side (the edge pixel repeated),
 so written with slices both passes and their backward are elementwise and fuse.
