@@ -141,7 +141,8 @@ def finished_views(batch: dict, colour_jitter: bool) -> torch.Tensor:
 
 # torch.compile backend used by `optim.compile`. Inductor generates fused kernels (C++ on
 # CPU, Triton on GPU); most tests swap in "aot_eager" (same graph capture and autograd, no
-# code generation): inductor's C++ build of even the tiny test model takes ~80 s on 2 cores.
+# code generation): inductor's C++ build of even the tiny test model takes 80-90 s on 2
+# cores (SAN_TEST_INDUCTOR=1 runs the inductor test).
 COMPILE_BACKEND = "inductor"
 
 

@@ -5,6 +5,7 @@ through one real `Trainer.step` here: the loss is finite and the parameters move
 `torch.compile` runs on a tiny model because its first (compiling) step is the slow part.
 """
 
+import os
 import time
 
 import pytest
@@ -241,11 +242,25 @@ def test_step_bf16_channels_last_then_evaluate():
     assert int(result.confusion.matrix.sum()) == 2 * 32 * 32
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "aot_eager",
+        pytest.param(
+            "inductor",
+            marks=pytest.mark.skipif(
+                os.environ.get("SAN_TEST_INDUCTOR") != "1",
+                reason="inductor's cold C++ build of the model takes 80-90 s on 2 cores, which "
+                "puts the suite over its 15 minutes on a busy machine; SAN_TEST_INDUCTOR=1 runs "
+                "it (benchmarks/gpu_device.sh does); aot_eager runs the same checks",
+            ),
+        ),
+    ],
+)
 def test_step_compile_tiny_model(backend, monkeypatch):
     """optim.compile=true computes the eager model's step: the same losses and gradients,
     to float rounding. With the capture-and-autograd-only backend, and with inductor, what
-    users run (generated C++ kernels on CPU; about 80 s to build on 2 cores)."""
+    users run (generated C++ kernels on CPU)."""
     monkeypatch.setattr(engine, "COMPILE_BACKEND", backend)
     torch._dynamo.reset()
     eager, eager_losses, _ = one_step()
