@@ -15,6 +15,7 @@ their first step, which compiles, is reported apart.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -89,12 +90,37 @@ def optimizer_step_ms(model: torch.nn.Module, cfg, fused: bool, repeats: int) ->
     return median(times) * 1000
 
 
+@contextlib.contextmanager
+def cold_inductor_cache():
+    """A fresh, empty inductor cache for the block, removed afterwards even on failure: a
+    cold compile, as a user's first run has (inductor otherwise reuses the kernels an
+    earlier run left on disk; ~200 MB for the compiled variants here)."""
+    # Importing torch already set the variable to the default cache; inductor reads it on
+    # every use.
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    path = tempfile.mkdtemp(prefix="inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+
+
 def main() -> None:
     def extra_args(parser):
         parser.add_argument("--steps", type=int, default=None)
         parser.add_argument("--compile", action="store_true", help="add optim.compile variants")
 
     args = parse_args(__doc__.splitlines()[0], extra_args)
+    with cold_inductor_cache() if args.compile else contextlib.nullcontext():
+        measure(args)
+
+
+def measure(args) -> None:
     size, n = (32, 2) if args.quick else (96, 16)
     steps = args.steps or (2 if args.quick else 3)
     overrides = [f"data.image_size={size}", f"optim.batch_size={n}"]
@@ -104,10 +130,6 @@ def main() -> None:
     variants = dict(VARIANTS)
     if args.compile:
         variants.update(COMPILE_VARIANTS)
-        # A cold compile, as a user's first run has: inductor otherwise reuses the kernels
-        # an earlier run left in its on-disk cache. (Importing torch already set the
-        # variable to the default cache; inductor reads it on every use.)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
     # Every variant starts from the same weights (build_trainer seeds from run.seed).
     trainers = {
         name: build_trainer(load_config(None, overrides + extra))
@@ -223,8 +245,6 @@ def main() -> None:
             ),
         ],
     )
-    if args.compile:
-        shutil.rmtree(os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from san.config import Config, OptimConfig
 from san.data.transforms import finish_views
 from san.losses import SANLoss
 from san.metrics import ConfusionMatrix
-from san.models.semantic import SemanticGenerator
 
 log = logging.getLogger("san")
 
@@ -113,6 +112,11 @@ def uses_math_attention(model: nn.Module, device: torch.device, precision: str) 
     """Whether a training step should run the ViT's attention with the math kernel."""
     if device.type != "cpu" or precision != "bf16":
         return False
+    # Imported here: san.models imports timm (and torchvision), ~3 s of start-up that the
+    # processes importing this module without building a model (every pipeline driver,
+    # each Tune trial's driver) would pay.
+    from san.models.semantic import SemanticGenerator
+
     lengths = [m.sequence_length for m in model.modules() if isinstance(m, SemanticGenerator)]
     return 0 < max(lengths, default=0) <= CPU_BF16_MATH_ATTENTION_MAX_TOKENS
 

@@ -6,7 +6,10 @@ through one real `Trainer.step` here: the loss is finite and the parameters move
 """
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +168,24 @@ def test_bf16_on_a_cpu_without_amx_is_warned_about(amx, monkeypatch, caplog):
 def test_math_attention_is_chosen_only_for_a_model_with_a_vit():
     iic = create_model(load_config(None, [*TINY, "model.name=iic"]))
     assert not engine.uses_math_attention(iic, torch.device("cpu"), "bf16")
+
+
+def test_pipeline_drivers_start_without_the_model_libraries():
+    """The drivers (train.py, tune.py and each Tune trial's, evaluate.py, predict.py) import
+    the engine and the training loop but build no model before their work starts: timm and
+    torchvision (which timm imports, and which imports torch._dynamo) must stay unimported,
+    ~3 s of start-up for every driver process on a 2-core machine."""
+    code = (
+        "import sys, pipelines.train, pipelines.tune, pipelines.loop, pipelines.evaluate, "
+        "pipelines.predict; print(sorted(m for m in ('timm', 'torchvision', 'san.models') "
+        "if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
 
 
 def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():

@@ -159,6 +159,15 @@ def test_trainer_step_changes_parameters_and_state_round_trips():
     assert other.scheduler.last_epoch == trainer.scheduler.last_epoch == 1
 
 
+def _run_with_grad(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn(x) and the gradient of a position-weighted sum of it with respect to x (weights
+    that differ per pixel, so a misplaced gradient contribution shows)."""
+    x = x.detach().requires_grad_()
+    out = fn(x)
+    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    return out.detach(), x.grad
+
+
 def _compiled_graphs(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
     """fn compiled (graph capture and autograd, no code generation): output, input
     gradient and the text of the forward and backward graphs it ran."""
@@ -173,11 +182,9 @@ def _compiled_graphs(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, s
 
     torch._dynamo.reset()
     compiled = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
-    x = x.detach().requires_grad_()
-    out = compiled(x)
-    (out * torch.arange(out.numel()).view_as(out).sin()).sum().backward()
+    out, grad = _run_with_grad(compiled, x)
     torch._dynamo.reset()
-    return out.detach(), x.grad, "\n".join(graphs)
+    return out, grad, "\n".join(graphs)
 
 
 @pytest.mark.parametrize(
@@ -198,17 +205,15 @@ def test_upsample_matches_interpolate_and_compiles_without_a_scatter(shape, chan
     def reference(t):
         return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
 
-    ref = x.detach().requires_grad_()
-    expected = reference(ref)
-    (expected * torch.arange(expected.numel()).view_as(expected).sin()).sum().backward()
+    expected, expected_grad = _run_with_grad(reference, x)
     out, grad, graphs = _compiled_graphs(lambda t: upsample_bilinear(t, size), x)
-    torch.testing.assert_close(out, expected.detach())
-    torch.testing.assert_close(grad, ref.grad)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(grad, expected_grad)
     assert "index_put" not in graphs and "cat" in graphs
     _, _, interpolate_graphs = _compiled_graphs(reference, x)
     assert "index_put" in interpolate_graphs
     # Eager, and sizes that are not an exact doubling, use F.interpolate itself.
-    torch.testing.assert_close(upsample_bilinear(x, size), expected.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(upsample_bilinear(x, size), expected, rtol=0, atol=0)
     odd = (2 * shape[2] - 1, 2 * shape[3] + 1)
     out, _, graphs = _compiled_graphs(lambda t: upsample_bilinear(t, odd), x)
     torch.testing.assert_close(
