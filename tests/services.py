@@ -205,6 +205,12 @@ class S3Server:
         return f"s3://{name}"
 
 
+# As deploy/mlflow runs the server: MLflow 3's job runner (8 huey consumer processes, for
+# GenAI evaluation jobs this platform does not use) off. On, it took ~22 s more CPU in the
+# server's first 15 s, competing with the tests on a 2-core machine.
+MLFLOW_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 class MlflowServer:
     """``mlflow server`` with a SQLite backend and proxied artifacts in an S3 bucket.
 
@@ -237,7 +243,7 @@ class MlflowServer:
             "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(self.s3.env)
+        env.update(self.s3.env, **MLFLOW_ENV)
         self.proc = _spawn(cmd, env, self.log)
         try:
             wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from services import _kill_group, _spawn, _tail, free_port, wait_http
+from services import MLFLOW_ENV, _kill_group, _spawn, _tail, free_port, wait_http
 
 from pipelines.common import FORWARDED_ENV, SECRET_ENV
 
@@ -165,14 +165,20 @@ def test_mlflow_server_manifests() -> None:
         "AWS_SECRET_ACCESS_KEY",
         "AWS_DEFAULT_REGION",
         "MLFLOW_S3_ENDPOINT_URL",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
     }
     compose = load_all(DEPLOY / "mlflow" / "docker-compose.yaml")[0]
     command = " ".join(compose["services"]["mlflow"]["command"])
-    assert set(compose["services"]["mlflow"]["environment"]) <= allowed
+    environment = compose["services"]["mlflow"]["environment"]
+    assert set(environment) <= allowed
     docs = load_all(DEPLOY / "mlflow" / "kubernetes.yaml")
     (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert env_names(deployment) <= allowed
+    # MLflow's job runner is off in both, as the test servers run it (services.MLFLOW_ENV).
+    k8s_env = {item["name"]: item.get("value") for item in container["env"]}
+    for env in (environment, k8s_env):
+        assert {k: env.get(k) for k in MLFLOW_ENV} == MLFLOW_ENV
     for text in (command, " ".join(container["args"])):
         assert "--backend-store-uri" in text and "postgresql+psycopg2://" in text
         assert "--artifacts-destination" in text and "s3://" in text
@@ -303,7 +309,7 @@ def test_mlflow_server_on_postgres(s3_server, tmp_path: Path) -> None:
             "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(s3_server.env)
+        env.update(s3_server.env, **MLFLOW_ENV)
         log = tmp_path / "mlflow.log"
         server = _spawn(cmd, env, log)
         try:
