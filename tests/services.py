@@ -205,9 +205,9 @@ class S3Server:
         return f"s3://{name}"
 
 
-# As deploy/mlflow runs the server: MLflow 3's job runner (8 huey consumer processes, for
-# GenAI evaluation jobs this platform does not use) off. On, it took ~22 s more CPU in the
-# server's first 15 s, competing with the tests on a 2-core machine.
+# As deploy/mlflow runs the server: MLflow 3's job runner off (8 more processes, 7 of them
+# huey consumers, for GenAI evaluation jobs this platform does not use). On, the server took
+# ~22 s more CPU in its first 15 s, CPU the tests compete for on a 2-core machine.
 MLFLOW_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
