@@ -23,6 +23,7 @@ step too, the fastest this CPU trains.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -57,7 +58,7 @@ from san.data import (
     write_shards,
 )
 from san.engine import cpu_has_amx, finished_views
-from san.storage import filesystem
+from san.storage import fetch_object, filesystem
 
 sys.path.insert(0, str(ROOT / "tests"))
 from services import S3Server  # noqa: E402
@@ -215,26 +216,42 @@ def source_only(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
     return rate
 
 
-def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, float]:
-    """Each shard under `url` fetched whole, one at a time, as a remote reader fetches it
-    (s3fs `cat_file`), `rounds` times: MiB/s, and CPU ms per MiB in this process (the
-    client: s3fs, aiohttp, botocore's checksum) and in the S3 endpoint's."""
+def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Each shard under `url` fetched whole, one at a time, `rounds` times, by each client:
+    {client: MiB/s, and CPU ms per MiB in this process (the client) and in the S3
+    endpoint's}. Clients: s3fs `cat_file` (botocore checks its response checksum),
+    `fetch_object` (pyarrow's S3 client, what a remote reader uses), and that plus the
+    manifest sha256 check, which is how a reader without a cache fetches."""
     fs, root = filesystem(url)
-    paths = sorted(fs.find(root))
-    meter = CpuMeter(endpoint_pid)
-    fetched, client_cpu = 0, time.process_time()
-    meter.start()
-    start = time.perf_counter()
-    for _ in range(rounds):
-        fetched += sum(len(fs.cat_file(path)) for path in paths)
-    wall = time.perf_counter() - start
-    meter.stop()
-    mib = fetched / 2**20
-    return {
-        "MiB/s": mib / wall,
-        "client": 1000 * (time.process_time() - client_cpu) / mib,
-        "endpoint": 1000 * (meter.used_s or 0) / mib,
+    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
+
+    def fetch_and_check(path: str) -> bytes:
+        data = fetch_object(fs, path)
+        hashlib.sha256(data).hexdigest()
+        return data
+
+    clients = {
+        "s3fs cat_file": fs.cat_file,
+        "pyarrow S3 client": lambda path: fetch_object(fs, path),
+        "pyarrow S3 client + sha256 check": fetch_and_check,
     }
+    costs = {}
+    for name, fetch in clients.items():
+        meter = CpuMeter(endpoint_pid)
+        fetched, client_cpu = 0, time.process_time()
+        meter.start()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            fetched += sum(len(fetch(path)) for path in paths)
+        wall = time.perf_counter() - start
+        meter.stop()
+        mib = fetched / 2**20
+        costs[name] = {
+            "MiB/s": mib / wall,
+            "client": 1000 * (time.process_time() - client_cpu) / mib,
+            "endpoint": 1000 * (meter.used_s or 0) / mib,
+        }
+    return costs
 
 
 def augment_only(cfg, n_images: int) -> tuple[float, float]:
@@ -417,21 +434,28 @@ def main() -> None:
     if endpoint_cores:
         cores = os.cpu_count() or 1
         mib_per_image = sizes["raw"] / len(records) / 2**20
+        reader = fetch["pyarrow S3 client + sha256 check"]["client"]
+        endpoint = fetch["pyarrow S3 client + sha256 check"]["endpoint"]
+        arrow_vs_s3fs = fetch["pyarrow S3 client"]["client"] / fetch["s3fs cat_file"]["client"]
         sections.append(
             (
                 "Where a cold S3 read's time goes",
-                f"Fetching the raw shards alone (whole files, one at a time, s3fs `cat_file`, "
-                f"as a reader without a cache does): {fetch['MiB/s']:.0f} MiB/s, costing "
-                f"{fetch['client']:.2f} ms CPU per MiB in the reader's process (s3fs, aiohttp, "
-                f"botocore's response checksum) and {fetch['endpoint']:.2f} ms in the S3 "
-                f"endpoint's. Per raw image ({mib_per_image:.3f} MiB) that is "
-                f"{fetch['client'] * mib_per_image:.3f} ms in the reader and "
-                f"{fetch['endpoint'] * mib_per_image:.3f} ms in the endpoint, next to the "
-                f"{raw_ms + loader_ms + step_ms:.3f} ms a local raw shard's image costs from "
-                f"read to finished views. The endpoint (moto's server, a Python process) runs "
-                f"on the same {cores} CPUs as the reader and the training step; a real S3 "
-                "endpoint spends its share on its own machines. Cores it kept busy over each "
-                "timed window (10 ms ticks), median over repeats:\n\n"
+                "Fetching the raw shards alone (whole files, one at a time) by each client; "
+                "CPU in the reader's process (all its threads) and in the S3 endpoint's:\n\n"
+                + table(
+                    ["client", "MiB/s", "reader CPU ms per MiB", "endpoint CPU ms per MiB"],
+                    [[name, c["MiB/s"], c["client"], c["endpoint"]] for name, c in fetch.items()],
+                )
+                + "\n\nA reader without a cache fetches through pyarrow's S3 client "
+                f"({arrow_vs_s3fs:.2f}x s3fs's reader CPU per MiB, and none of it holding the "
+                "GIL) and checks each shard's sha256. "
+                f"Per raw image ({mib_per_image:.3f} MiB) that is {reader * mib_per_image:.3f} "
+                f"ms in the reader and {endpoint * mib_per_image:.3f} ms in the endpoint, "
+                f"next to the {raw_ms + loader_ms + step_ms:.3f} ms a local raw shard's image "
+                "costs from read to finished views. The endpoint (moto's server, a Python "
+                f"process) runs on the same {cores} CPUs as the reader and the training step; "
+                "a real S3 endpoint spends its share on its own machines. Cores it kept busy "
+                "over each timed window (10 ms ticks), median over repeats:\n\n"
                 + table(
                     ["source", "how", f"endpoint cores busy (of {cores})", "img/s (median)"],
                     [

@@ -108,7 +108,8 @@ class DataConfig:
     # so later epochs and restarts read local disk, not the network. It grows to the
     # dataset's shard bytes and is never pruned; delete it when done. An entry that no
     # longer opens (truncated by a full disk) is fetched again. Empty: read remote shards
-    # every epoch. Local shards are never copied.
+    # every epoch (each fetch checked against the manifest too). Local shards are never
+    # copied.
     shard_cache: str = ""
     # Bad (corrupt, mis-sized) samples met while streaming are skipped with a warning
     # naming each; past this many per reading process the run stops with an error.

@@ -1,9 +1,11 @@
 """Object storage and SAN checkpoints on local disk, AWS S3, MinIO or any S3-compatible store.
 
 Everything goes through fsspec (s3fs for ``s3://``) so one code path serves a laptop and a
-cluster. The S3 endpoint comes from the standard AWS variables (``AWS_ENDPOINT_URL_S3``,
-``AWS_ENDPOINT_URL``) or MLflow's ``MLFLOW_S3_ENDPOINT_URL``; credentials come from the
-standard AWS variables and are never logged or put in messages.
+cluster, except whole-object reads of large files (`fetch_object`, data shards), which take
+pyarrow's S3 client where that is safe. The S3 endpoint comes from the standard AWS
+variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``) or MLflow's
+``MLFLOW_S3_ENDPOINT_URL``; credentials come from the standard AWS variables and are never
+logged or put in messages.
 
 A checkpoint is a directory holding ``state.pt``, ``config.json`` and, written last,
 ``MANIFEST.json`` with the sha256 and size of each file. A directory without a valid manifest
@@ -12,11 +14,13 @@ is not a complete checkpoint, so a crash mid-save can never be mistaken for a go
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -148,15 +152,107 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     Ray does not read AWS_ENDPOINT_URL for its own storage, so the endpoint is passed here.
     """
     if _is_s3(url):
-        endpoint = s3_endpoint()
-        kwargs: dict[str, Any] = {"region": _region()}
-        if endpoint:
-            parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-            kwargs["endpoint_override"] = parsed.netloc
-            kwargs["scheme"] = parsed.scheme or "https"
-        path = url.split("://", 1)[1].rstrip("/")
-        return pafs.S3FileSystem(**kwargs), path
+        return _arrow_s3_client(), url.split("://", 1)[1].rstrip("/")
     return pafs.LocalFileSystem(), _local_path(url)
+
+
+def _arrow_s3_client() -> pafs.S3FileSystem:
+    """pyarrow's S3 client for the endpoint and region in the environment (credentials: the
+    AWS SDK's own chain, which reads the same variables)."""
+    endpoint = s3_endpoint()
+    kwargs: dict[str, Any] = {"region": _region()}
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+class _ArrowS3Reads:
+    """Whole-object reads through pyarrow's S3 client (the AWS C++ SDK), safe across fork.
+
+    Against s3fs's ``cat_file`` it costs 0.65-0.7x the client CPU per MiB and holds no GIL
+    while it waits and copies, so a fetch in a background thread overlaps the reader instead
+    of competing with it for the GIL (cold raw CamVid shards from the moto endpoint: 1.75x
+    the folder loader's images/s in process and 1.52x through one loader worker, against
+    s3fs's 1.28x and 1.25x, measured alternating).
+    The SDK is not fork-safe while a request is in flight: a child forked then hangs for good
+    on its first request (31 of 40 forks, measured). So reads in flight are counted, a fork
+    waits for the count's lock (never held across I/O), and a child forked mid-read reads
+    through s3fs instead, as do its own children. A child forked while the SDK is idle (as
+    DataLoader workers are, forked when training starts) keeps the fast path.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.usable = True
+        self._clients: dict[tuple, pafs.S3FileSystem] = {}
+        self._inherited: list[pafs.S3FileSystem] = []
+        # Through self._lock at call time: the child replaces its lock.
+        os.register_at_fork(
+            before=lambda: self._lock.acquire(),
+            after_in_parent=lambda: self._lock.release(),
+            after_in_child=self._after_fork_in_child,
+        )
+        # Dropped before pyarrow's own exit hook finalizes the SDK (registered earlier, so it
+        # runs later): a client alive at that point can deadlock the exit (apache/arrow#50188).
+        atexit.register(lambda: self._clients.clear())
+
+    def _after_fork_in_child(self) -> None:
+        if self._in_flight:
+            self.usable = False
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        # Each process opens its own clients. The parent's are kept, never destroyed here:
+        # closing them would close connections the parent still uses.
+        self._inherited.extend(self._clients.values())
+        self._clients = {}
+
+    def _client(self) -> pafs.S3FileSystem:
+        # Keyed by everything pyarrow_filesystem reads from the environment, so a changed
+        # endpoint or credential gets a new client, as filesystem() does for s3fs.
+        key = tuple(
+            os.environ.get(name)
+            for name in (
+                "AWS_ENDPOINT_URL_S3",
+                "AWS_ENDPOINT_URL",
+                "MLFLOW_S3_ENDPOINT_URL",
+                "AWS_REGION",
+                "AWS_DEFAULT_REGION",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "AWS_PROFILE",
+            )
+        )
+        if key not in self._clients:
+            self._clients[key] = _arrow_s3_client()
+        return self._clients[key]
+
+    def read(self, path: str) -> bytes:
+        """Whole content of `path` ("bucket/key")."""
+        client = self._client()
+        with self._lock:
+            self._in_flight += 1
+        try:
+            with client.open_input_file(path) as src:
+                return src.read()
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+
+_ARROW_S3 = _ArrowS3Reads()
+
+
+def fetch_object(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
+    """Whole content of one (large) file of `fs` in one request: through pyarrow's S3 client
+    where `fs` is S3 and this process may use it (see `_ArrowS3Reads`), else `fs.cat_file`."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "s3" in protocols and _ARROW_S3.usable:
+        return _ARROW_S3.read(path)
+    return fs.cat_file(path)
 
 
 def join(url: str, *parts: str) -> str:

@@ -626,6 +626,21 @@ def test_remote_shards_are_cached_locally_once_verified(s3_env, tmp_path: Path) 
         next(blocked.iter_partition(0, 1, 0, False, 0))
 
 
+def test_remote_shards_are_checked_against_their_manifest(s3_env) -> None:
+    """Without a cache too, a remote shard's bytes must match its manifest sha256 before
+    any of its rows is read: a shard overwritten by another valid Parquet file (here,
+    shard 0's) is refused by name, after shard 0's own rows."""
+    bucket = s3_env.make_bucket("checked-shards")
+    write_shards(_records(4), f"{bucket}/ds/train", shard_size=2)
+    fs, _ = filesystem(bucket)
+    fs.copy(f"{bucket}/ds/train/shard-00000.parquet", f"{bucket}/ds/train/shard-00001.parquet")
+    seen = []
+    with pytest.raises(DataError, match="shard-00001.parquet fails its manifest sha256"):
+        for sample in ShardDataset(f"{bucket}/ds", "train").iter_partition(0, 1, 0, False, 0):
+            seen.append(sample["id"])
+    assert seen == ["shardtest-000000", "shardtest-000001"]
+
+
 def test_a_damaged_shard_cache_entry_is_fetched_again(s3_env, tmp_path: Path) -> None:
     """A cache entry truncated after it was written (a full disk, a killed copy) is not a
     Parquet file any more: it is fetched again and verified, not an error every epoch."""

@@ -3,8 +3,11 @@ one-line fail-fast errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +72,63 @@ def test_pyarrow_filesystem_s3_reaches_endpoint(s3_env: S3Server) -> None:
     with fs.open_output_stream(f"{path}/hello.txt") as f:
         f.write(b"arrow")
     assert storage.read_bytes("s3://arrow-bucket/runs/hello.txt") == b"arrow"
+
+
+def _fetch_in_forked_child(url: str) -> tuple[bool, str] | None:
+    """Fork now; the child fetches `url` with fetch_object (through its own s3fs instance,
+    as a forked ShardDataset opens) and reports (whether it may use pyarrow's client, sha256
+    of what it read). None when the child hung."""
+    context = multiprocessing.get_context("fork")
+    answers = context.Queue()
+
+    def child() -> None:
+        data = storage.fetch_object(*storage.filesystem(url))
+        answers.put((storage._ARROW_S3.usable, hashlib.sha256(data).hexdigest()))
+
+    proc = context.Process(target=child)
+    proc.start()
+    proc.join(60)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return None
+    return answers.get(timeout=10)
+
+
+def test_fetch_object_through_pyarrow_survives_fork_mid_read(s3_env: S3Server) -> None:
+    """fetch_object reads s3:// through pyarrow's S3 client, whose SDK hangs a child forked
+    while a request is in flight (most such forks, measured). A child forked mid-read must
+    read through s3fs instead and get the same bytes; one forked while the client is idle
+    (as DataLoader workers are) keeps the fast path."""
+    bucket = s3_env.make_bucket("fetch-fork")
+    data = os.urandom(16 << 20)
+    s3_env.client().put_object(Bucket="fetch-fork", Key="blob", Body=data)
+    digest = hashlib.sha256(data).hexdigest()
+    fs, path = storage.filesystem(f"{bucket}/blob")
+    assert storage.fetch_object(fs, path) == data
+    assert _fetch_in_forked_child(f"{bucket}/blob") == (True, digest)
+
+    stop = threading.Event()
+
+    def keep_reading() -> None:
+        while not stop.is_set():
+            storage.fetch_object(fs, path)
+
+    reader = threading.Thread(target=keep_reading, daemon=True)
+    reader.start()
+    try:
+        answers = []
+        for _ in range(4):
+            deadline = time.monotonic() + 30
+            while not storage._ARROW_S3._in_flight and time.monotonic() < deadline:
+                time.sleep(0.001)
+            answers.append(_fetch_in_forked_child(f"{bucket}/blob"))
+    finally:
+        stop.set()
+        reader.join(60)
+    assert None not in answers, f"a child forked mid-read hung: {answers}"
+    assert {answer[1] for answer in answers} == {digest}
+    assert (False, digest) in answers  # forked mid-read: read through s3fs
 
 
 # ------------------------------------------------------------------ files
