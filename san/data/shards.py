@@ -101,14 +101,11 @@ def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None
         raise
 
 
-def _sha256(src: IO[bytes], copy_to: IO[bytes] | None = None) -> str:
-    """Hex sha256 of what is left in `src`, read in 4 MiB chunks; each chunk is also
-    written to `copy_to` when given, so a fetched shard is checked as it is copied."""
+def _sha256(src: IO[bytes]) -> str:
+    """Hex sha256 of what is left in `src`, read in 4 MiB chunks."""
     checksum = hashlib.sha256()
     while chunk := src.read(1 << 22):
         checksum.update(chunk)
-        if copy_to is not None:
-            copy_to.write(chunk)
     return checksum.hexdigest()
 
 
@@ -298,19 +295,22 @@ class ShardDataset(ForkSafeFilesystem):
 
     def _fetch(self, shard: dict) -> str | bytes:
         """Where a shard is read from: a local path (the file itself, or its verified copy
-        in `cache_dir`) or, for a remote shard without a cache, the whole file's bytes,
-        checked against the manifest's sha256 before any row is read, as a cached copy is.
-
-        A remote file is fetched whole in one request (as much memory as s3fs's 50 MiB
-        read-ahead block, fewer requests): 15-20% less time per image than ranged reads
-        through a file object on the moto endpoint, measured. The checksum runs in the
-        prefetch thread without the GIL: 5.6 ms per 8 MiB shard on this project's CPU.
-        """
+        in `cache_dir`) or, for a remote shard without a cache, its checked bytes."""
         if self.is_local:
             return self._path(shard)
-        cached = self._cached(shard)
-        if cached:
-            return cached
+        if self.cache_dir and shard.get("sha256"):
+            return self._cached(shard)
+        return self._download(shard)
+
+    def _download(self, shard: dict) -> bytes:
+        """A remote shard's whole bytes, checked against the manifest's sha256 (where it
+        has one) before any row is read, cached or not.
+
+        Fetched whole in one request (as much memory as s3fs's 50 MiB read-ahead block,
+        fewer requests): 15-20% less time per image than ranged reads through a file object
+        on the moto endpoint, measured. The checksum runs in the prefetch thread without
+        the GIL: 5.6 ms per 8 MiB shard on this project's CPU.
+        """
         try:
             data = fetch_object(self.fs, self._path(shard))
         except Exception as exc:
@@ -363,17 +363,14 @@ class ShardDataset(ForkSafeFilesystem):
         finally:
             handle.close()
 
-    def _cached(self, shard: dict) -> str | None:
-        """The local path of the shard's verified copy, fetched on first use (None when not
-        caching). The copy is written to a temporary name and renamed once its sha256
-        matches the manifest, so a cache entry is always a whole, checked shard, and
-        concurrent readers (loader workers, Ray workers on one node) at worst fetch twice.
-        An entry damaged since (truncated or overwritten, so no longer a Parquet file) is
-        fetched again rather than failing every later epoch."""
-        digest = shard.get("sha256")
-        if not self.cache_dir or not digest:
-            return None
-        path = Path(self.cache_dir) / f"{digest}.parquet"
+    def _cached(self, shard: dict) -> str:
+        """The local path of the shard's verified copy, fetched on first use. The copy is
+        written to a temporary name and renamed once its sha256 matches the manifest, so a
+        cache entry is always a whole, checked shard, and concurrent readers (loader
+        workers, Ray workers on one node) at worst fetch twice. An entry damaged since
+        (truncated or overwritten, so no longer a Parquet file) is fetched again rather
+        than failing every later epoch."""
+        path = Path(self.cache_dir) / f"{shard['sha256']}.parquet"
         if path.is_file():
             try:
                 pq.read_metadata(path)  # the footer: 0.03 ms, once per shard and epoch
@@ -391,15 +388,7 @@ class ShardDataset(ForkSafeFilesystem):
                 "every epoch"
             ) from None
         try:
-            try:
-                with self.fs.open(self._path(shard), "rb") as src, open(tmp, "wb") as dst:
-                    fetched = _sha256(src, copy_to=dst)
-            except Exception as exc:
-                raise self._unopenable(shard, exc) from None
-            if fetched != digest:
-                raise DataError(
-                    f"shard {self._path(shard)} fails its manifest sha256 checksum; not cached"
-                )
+            tmp.write_bytes(self._download(shard))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
