@@ -188,6 +188,18 @@ def test_pipeline_drivers_start_without_the_model_libraries():
     assert done.stdout.strip() == "[]"
 
 
+def test_training_workers_of_rank_above_0_do_not_import_mlflow():
+    """A Ray Train worker imports pipelines.loop; only rank 0 logs to MLflow, so the other
+    ranks must not pay mlflow's import (1.5 s CPU and 80 MB each, on every node)."""
+    code = "import sys, pipelines.loop; print('mlflow' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
 def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
     """build_optimizer picks the fused AdamW on CPU too; resuming from a checkpoint whose
     optimizer state came from torch's default AdamW (what it used on CPU before) keeps the
