@@ -5,6 +5,7 @@ through one real `Trainer.step` here: the loss is finite and the parameters move
 `torch.compile` runs on a tiny model because its first (compiling) step is the slow part.
 """
 
+import ast
 import os
 import subprocess
 import sys
@@ -170,34 +171,31 @@ def test_math_attention_is_chosen_only_for_a_model_with_a_vit():
     assert not engine.uses_math_attention(iic, torch.device("cpu"), "bf16")
 
 
+def _imported_by(modules: list[str], watched: list[str]) -> list[str]:
+    """Which of `watched` a fresh interpreter has imported after importing `modules`."""
+    code = f"import sys, {', '.join(modules)}; print([m for m in {watched} if m in sys.modules])"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return ast.literal_eval(done.stdout.strip())
+
+
 def test_pipeline_drivers_start_without_the_model_libraries():
     """The drivers (train.py, tune.py and each Tune trial's, evaluate.py, predict.py) import
     the engine and the training loop but build no model before their work starts: timm and
     torchvision (which timm imports, and which imports torch._dynamo) must stay unimported,
     ~3 s of start-up for every driver process on a 2-core machine."""
-    code = (
-        "import sys, pipelines.train, pipelines.tune, pipelines.loop, pipelines.evaluate, "
-        "pipelines.predict; print(sorted(m for m in ('timm', 'torchvision', 'san.models') "
-        "if m in sys.modules))"
-    )
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "[]"
+    drivers = ["train", "tune", "loop", "evaluate", "predict"]
+    modules = [f"pipelines.{name}" for name in drivers]
+    assert _imported_by(modules, ["timm", "torchvision", "san.models"]) == []
 
 
 def test_training_workers_of_rank_above_0_do_not_import_mlflow():
     """A Ray Train worker imports pipelines.loop; only rank 0 logs to MLflow, so the other
     ranks must not pay mlflow's import (1.5 s CPU and 80 MB each, on every node)."""
-    code = "import sys, pipelines.loop; print('mlflow' in sys.modules)"
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "False"
+    assert _imported_by(["pipelines.loop"], ["mlflow"]) == []
 
 
 def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
