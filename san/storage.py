@@ -156,11 +156,12 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), _local_path(url)
 
 
-def _arrow_s3_client() -> pafs.S3FileSystem:
-    """pyarrow's S3 client for the endpoint and region in the environment (credentials: the
-    AWS SDK's own chain, which reads the same variables)."""
+def _arrow_s3_client(region: str = "") -> pafs.S3FileSystem:
+    """pyarrow's S3 client for the endpoint in the environment and `region` (default: the
+    environment's); credentials come from the AWS SDK's own chain, which reads the same
+    variables."""
     endpoint = s3_endpoint()
-    kwargs: dict[str, Any] = {"region": _region()}
+    kwargs: dict[str, Any] = {"region": region or _region()}
     if endpoint:
         parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
         kwargs["endpoint_override"] = parsed.netloc
@@ -180,7 +181,9 @@ class _ArrowS3Reads:
     on its first request (31 of 40 forks, measured). So reads in flight are counted, a fork
     waits for the count's lock (never held across I/O), and a child forked mid-read reads
     through s3fs instead, as do its own children. A child forked while the SDK is idle (as
-    DataLoader workers are, forked when training starts) keeps the fast path.
+    DataLoader workers are, forked when training starts) keeps the fast path. Ray's own
+    checkpoint uploads use the same SDK, from the training thread between steps, never while
+    that thread forks a loader worker.
     """
 
     def __init__(self) -> None:
@@ -209,10 +212,12 @@ class _ArrowS3Reads:
         self._inherited.extend(self._clients.values())
         self._clients = {}
 
-    def _client(self) -> pafs.S3FileSystem:
+    def _client(self, bucket: str) -> pafs.S3FileSystem:
         # Keyed by everything pyarrow_filesystem reads from the environment, so a changed
-        # endpoint or credential gets a new client, as filesystem() does for s3fs.
-        key = tuple(
+        # endpoint or credential gets a new client, as filesystem() does for s3fs; on AWS
+        # itself also by bucket, for its region.
+        on_aws = not s3_endpoint()
+        key = (bucket if on_aws else "",) + tuple(
             os.environ.get(name)
             for name in (
                 "AWS_ENDPOINT_URL_S3",
@@ -227,15 +232,15 @@ class _ArrowS3Reads:
             )
         )
         if key not in self._clients:
-            self._clients[key] = _arrow_s3_client()
+            self._clients[key] = _arrow_s3_client(_bucket_region(bucket) if on_aws else "")
         return self._clients[key]
 
     def read(self, path: str) -> bytes:
         """Whole content of `path` ("bucket/key")."""
-        client = self._client()
         with self._lock:
             self._in_flight += 1
-        try:
+        try:  # the client counts as in flight too: finding a bucket's region is a request
+            client = self._client(path.split("/", 1)[0])
             with client.open_input_file(path) as src:
                 return src.read()
         finally:
@@ -244,6 +249,16 @@ class _ArrowS3Reads:
 
 
 _ARROW_S3 = _ArrowS3Reads()
+
+
+def _bucket_region(bucket: str) -> str:
+    """An AWS bucket's own region ("" when it cannot be found: the environment's is used).
+    pyarrow's client must be given it: where s3fs follows S3's redirect to another region
+    by itself, pyarrow's fails with HTTP 301."""
+    try:
+        return pafs.resolve_s3_region(bucket)
+    except OSError:
+        return ""
 
 
 def fetch_object(fs: fsspec.AbstractFileSystem, path: str) -> bytes:
