@@ -8,10 +8,10 @@
 # needs only those: the CUDA tests (confusion matrix on the device, the training step,
 # evaluation and torch.compile, also with inductor: SAN_TEST_INDUCTOR=1) and
 # benchmarks/gpu.py with its torch.compile variant (bf16 autocast, channels_last, fused
-# AdamW; img/s and MFU). Everything it prints is
-# also written under OUT: nvidia-smi.txt, tests.log, gpu.log and gpu.md, the results
-# table to copy into benchmarks/results/. A step that fails does not stop the next one;
-# the exit status is the first failure's. PYTHON picks the interpreter (default python3).
+# AdamW; img/s and MFU). Everything it prints is also written under OUT: nvidia-smi.txt,
+# tests.log, gpu.log and gpu.md, the results table to copy into benchmarks/results/. A
+# step that fails does not stop the next one; the exit status is the first failure's.
+# PYTHON picks the interpreter (default python3).
 set -uo pipefail
 out=${1:-/tmp/gpu-checks}
 python=${PYTHON:-python3}

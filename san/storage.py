@@ -177,6 +177,7 @@ class _ArrowS3Reads:
     of competing with it for the GIL (cold raw CamVid shards from the moto endpoint: 1.75x
     the folder loader's images/s in process and 1.52x through one loader worker, against
     s3fs's 1.28x and 1.25x, measured alternating).
+
     The SDK is not fork-safe while a request is in flight: a child forked then hangs for good
     on its first request (31 of 40 forks, measured). So reads in flight are counted, a fork
     waits for the count's lock (never held across I/O), and a child forked mid-read reads
