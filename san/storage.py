@@ -214,26 +214,20 @@ class _ArrowS3Reads:
         self._clients = {}
 
     def _client(self, bucket: str) -> pafs.S3FileSystem:
-        # Keyed by everything pyarrow_filesystem reads from the environment, so a changed
-        # endpoint or credential gets a new client, as filesystem() does for s3fs; on AWS
+        # Keyed by what the client is configured from (endpoint, region, credentials), so a
+        # changed environment gets a new client, as filesystem() does for s3fs; on AWS
         # itself also by bucket, for its region.
-        on_aws = not s3_endpoint()
-        key = (bucket if on_aws else "",) + tuple(
-            os.environ.get(name)
-            for name in (
-                "AWS_ENDPOINT_URL_S3",
-                "AWS_ENDPOINT_URL",
-                "MLFLOW_S3_ENDPOINT_URL",
-                "AWS_REGION",
-                "AWS_DEFAULT_REGION",
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_SESSION_TOKEN",
-                "AWS_PROFILE",
-            )
+        endpoint = s3_endpoint()
+        credentials = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+        key = (
+            "" if endpoint else bucket,
+            endpoint,
+            _region(),
+            os.environ.get("AWS_PROFILE"),
+            *(os.environ.get(name) for name in credentials),
         )
         if key not in self._clients:
-            self._clients[key] = _arrow_s3_client(_bucket_region(bucket) if on_aws else "")
+            self._clients[key] = _arrow_s3_client("" if endpoint else _bucket_region(bucket))
         return self._clients[key]
 
     def read(self, path: str) -> bytes:
