@@ -23,7 +23,6 @@ step too, the fastest this CPU trains.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -51,6 +50,7 @@ from common import (
 from san.config import from_dict
 from san.data import (
     FolderDataset,
+    ShardDataset,
     create_dataset,
     encode_png,
     train_pair_transform,
@@ -58,7 +58,7 @@ from san.data import (
     write_shards,
 )
 from san.engine import cpu_has_amx, finished_views
-from san.storage import fetch_object, filesystem
+from san.storage import fetch_object
 
 sys.path.insert(0, str(ROOT / "tests"))
 from services import S3Server  # noqa: E402
@@ -217,23 +217,18 @@ def source_only(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
 
 
 def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, dict[str, float]]:
-    """Each shard under `url` fetched whole, one at a time, `rounds` times, by each client:
-    {client: MiB/s, and CPU ms per MiB in this process (the client) and in the S3
-    endpoint's}. Clients: s3fs `cat_file` (botocore checks its response checksum),
-    `fetch_object` (pyarrow's S3 client, what a remote reader uses), and that plus the
-    manifest sha256 check, which is how a reader without a cache fetches."""
-    fs, root = filesystem(url)
-    paths = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-
-    def fetch_and_check(path: str) -> bytes:
-        data = fetch_object(fs, path)
-        hashlib.sha256(data).hexdigest()
-        return data
-
-    clients = {
-        "s3fs cat_file": fs.cat_file,
-        "pyarrow S3 client": lambda path: fetch_object(fs, path),
-        "pyarrow S3 client + sha256 check": fetch_and_check,
+    """Each shard of the train split under `url` fetched whole, one at a time, `rounds`
+    times, by each client: {client: MiB/s, and CPU ms per MiB in this process (the client)
+    and in the S3 endpoint's}. Clients: s3fs `cat_file` (botocore checks its response checksum),
+    `fetch_object` (pyarrow's S3 client), and `ShardDataset.download` (that plus the
+    manifest sha256 check: how a reader without a cache fetches)."""
+    dataset = ShardDataset(url, "train")
+    fs = dataset.fs
+    files = [(shard, f"{dataset.root}/{shard['file']}") for shard in dataset.shards]
+    clients: dict[str, Callable[[dict, str], bytes]] = {
+        "s3fs cat_file": lambda shard, path: fs.cat_file(path),
+        "pyarrow S3 client": lambda shard, path: fetch_object(fs, path),
+        "pyarrow S3 client + sha256 check": lambda shard, path: dataset.download(shard),
     }
     costs = {}
     for name, fetch in clients.items():
@@ -242,7 +237,7 @@ def fetch_costs(url: str, endpoint_pid: int, rounds: int) -> dict[str, dict[str,
         meter.start()
         start = time.perf_counter()
         for _ in range(rounds):
-            fetched += sum(len(fetch(path)) for path in paths)
+            fetched += sum(len(fetch(shard, path)) for shard, path in files)
         wall = time.perf_counter() - start
         meter.stop()
         mib = fetched / 2**20
@@ -336,7 +331,7 @@ def main() -> None:
             }
             large_rates, _ = compare_sources(base, large_sources, repeats, n_images, (0, 1))
             large_rows = ratio_rows(large_rates, "folder, 480x360 JPEG")
-        fetch = fetch_costs(f"{bucket}/raw/train", s3.proc.pid, rounds=repeats)
+        fetch = fetch_costs(f"{bucket}/raw", s3.proc.pid, rounds=repeats)
         aug_loader, aug_step = augment_only(
             with_data(base, "shards", str(work / "raw"), 0), n_images
         )

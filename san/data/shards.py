@@ -300,9 +300,9 @@ class ShardDataset(ForkSafeFilesystem):
             return self._path(shard)
         if self.cache_dir and shard.get("sha256"):
             return self._cached(shard)
-        return self._download(shard)
+        return self.download(shard)
 
-    def _download(self, shard: dict) -> bytes:
+    def download(self, shard: dict) -> bytes:
         """A remote shard's whole bytes, checked against the manifest's sha256 (where it
         has one) before any row is read, cached or not.
 
@@ -388,7 +388,7 @@ class ShardDataset(ForkSafeFilesystem):
                 "every epoch"
             ) from None
         try:
-            tmp.write_bytes(self._download(shard))
+            tmp.write_bytes(self.download(shard))
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
