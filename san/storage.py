@@ -214,17 +214,17 @@ class _ArrowS3Reads:
         self._clients = {}
 
     def _client(self, bucket: str) -> pafs.S3FileSystem:
-        # Keyed by what the client is configured from (endpoint, region, credentials), so a
-        # changed environment gets a new client, as filesystem() does for s3fs; on AWS
-        # itself also by bucket, for its region.
+        # Keyed by the values filesystem() gives s3fs (endpoint, region, credentials), so a
+        # changed environment gets a new client, as it does there; on AWS itself also by
+        # bucket, for its region.
         endpoint = s3_endpoint()
-        credentials = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
         key = (
             "" if endpoint else bucket,
             endpoint,
             _region(),
-            os.environ.get("AWS_PROFILE"),
-            *(os.environ.get(name) for name in credentials),
+            os.environ.get("AWS_ACCESS_KEY_ID"),
+            os.environ.get("AWS_SECRET_ACCESS_KEY"),
+            os.environ.get("AWS_SESSION_TOKEN"),
         )
         if key not in self._clients:
             self._clients[key] = _arrow_s3_client("" if endpoint else _bucket_region(bucket))
