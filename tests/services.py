@@ -274,6 +274,8 @@ class RayHead:
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        # Fixed defaults (e.g. the agent's 52365) would clash with other Ray instances.
+        self.agent_port = free_port()
         self.token_path = self.root / "home" / ".ray" / "auth_token"
         self.temp_dir = self.root / "ray"
         self.proc: subprocess.Popen | None = None
@@ -325,8 +327,7 @@ class RayHead:
             "--num-cpus", str(self.num_cpus),
             "--temp-dir", str(self.temp_dir),
             "--disable-usage-stats",
-            # Fixed defaults (e.g. the agent's 52365) would clash with other Ray instances.
-            "--dashboard-agent-listen-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(self.agent_port),
             "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()),
             "--metrics-export-port", str(free_port()),
@@ -336,6 +337,10 @@ class RayHead:
         try:
             # The dashboard answers 401 without a token, which still proves it is up.
             wait_http(f"{self.dashboard_url}/api/version", timeout=timeout, proc=self.proc)
+            # The dashboard hands each submission to the head node's job agent, a separate
+            # process that can come up later; the dashboard waits only 10 s for it before
+            # answering "No available agent to submit job", which a loaded machine can exceed.
+            wait_http(f"http://127.0.0.1:{self.agent_port}/", timeout=timeout, proc=self.proc)
             self._wait_job_api(timeout)
         except Exception as e:
             log = _tail(self.log)
