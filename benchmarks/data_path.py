@@ -204,6 +204,8 @@ def source_only(cfg, n_images: int, meter: CpuMeter | None = None) -> float:
     meter = meter or CpuMeter()
     source = create_dataset(cfg.data, cfg.data.train_split)
     source.load_labels = False
+    if hasattr(source, "epochs_follow"):
+        source.epochs_follow = True  # epoch after epoch, as StreamDataset tells it in training
     meter.start()
     seen, start = 0, time.perf_counter()
     while seen < n_images:

@@ -680,6 +680,33 @@ def test_remote_shards_are_fetched_one_ahead(s3_env, tmp_path: Path) -> None:
     assert sorted(p.name for p in cache.iterdir()) == sorted(names[:2])
 
 
+def test_training_fetches_the_next_epochs_first_shard_ahead(s3_env) -> None:
+    """A training stream (StreamDataset with loop) reads epoch after epoch: once an epoch's
+    last shard is reached, the next epoch's first shard is fetched ahead, so the reader
+    does not stall at every epoch boundary. Seen here by deleting every shard once epoch 0
+    is read: epoch 1 still gives its first shard's rows, then names the missing one.
+    Evaluation (no loop) leaves it off, and a pickled copy carries no fetch in flight."""
+    bucket = s3_env.make_bucket("epoch-ahead")
+    write_shards(_records(6), f"{bucket}/ds/train", shard_size=2)
+    reference = ShardDataset(f"{bucket}/ds", "train")
+    epoch1 = [s["id"] for s in reference.iter_partition(0, 1, 1, True, 0)]
+    transform = eval_sample_transform(DataConfig(image_size=16))
+    assert not StreamDataset(reference, transform, loop=False).source.epochs_follow
+
+    ds = StreamDataset(ShardDataset(f"{bucket}/ds", "train"), transform).source
+    assert ds.epochs_follow
+    assert len(list(ds.iter_partition(0, 1, 0, True, 0))) == 6
+    ds._ahead[1].result(timeout=30)  # the fetch ahead has finished
+    assert pickle.loads(pickle.dumps(ds))._ahead is None
+    fs, _ = filesystem(bucket)
+    fs.rm(f"{bucket}/ds/train", recursive=True)
+    seen = []
+    with pytest.raises(DataError, match=r"shard-0000\d.parquet cannot be opened"):
+        for sample in ds.iter_partition(0, 1, 1, True, 0):
+            seen.append(sample["id"])
+    assert seen == epoch1[:2]
+
+
 @pytest.mark.e2e
 def test_shards_on_s3(s3_env) -> None:
     """Write and stream shards through a real (moto) S3 endpoint, found from the env."""

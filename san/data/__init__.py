@@ -150,6 +150,9 @@ class StreamDataset(IterableDataset):
         # A transform that drops labels (training) spares the source reading and decoding them.
         if not getattr(transform, "needs_labels", True) and hasattr(source, "load_labels"):
             source.load_labels = False
+        # A source told that epochs follow one another can read the next one's start ahead.
+        if loop and hasattr(source, "epochs_follow"):
+            source.epochs_follow = True
         self.rank = rank
         self.world_size = world_size
         self.seed = seed

@@ -26,7 +26,8 @@ Remote shards (s3://...) can be kept in a local cache directory (`data.shard_cac
 each shard is fetched once, checked against its manifest sha256, and stored under that
 checksum, so later epochs and restarts read local disk and a changed shard is never
 confused with its old copy. Either way a reader fetches remote shards one ahead, in a
-background thread, so it decodes one shard while the next is on its way.
+background thread, so it decodes one shard while the next is on its way; in training,
+across epoch boundaries too.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO
 
@@ -236,6 +237,11 @@ class ShardDataset(ForkSafeFilesystem):
     on_bad = None
     # Training never looks at labels: it sets this False so they are neither read nor decoded.
     load_labels = True
+    # StreamDataset sets this when it reads epoch after epoch (training): an epoch's last
+    # remote shard then fetches the next epoch's first one ahead, as within an epoch.
+    epochs_follow = False
+    # (process id, the epoch's iter_partition arguments, file index) -> that fetch ahead.
+    _ahead: tuple[tuple, Future] | None = None
 
     def __init__(self, url: str, split: str, cache_dir: str = "") -> None:
         """`cache_dir`: local directory for verified copies of remote shards ("" reads
@@ -320,25 +326,67 @@ class ShardDataset(ForkSafeFilesystem):
             raise DataError(f"shard {self._path(shard)} fails its manifest sha256 checksum")
         return data
 
-    def _fetched_in_order(self, order: list[int]) -> Iterator[tuple[int, str | bytes]]:
-        """(file index, `_fetch` result) for each shard in `order`. Remote shards are
-        fetched one ahead, in a background thread, while the reader decodes the current
-        one, so it does not wait on the network at each shard boundary (at most two
-        shards' bytes in memory). A fetch error is raised when its shard's turn comes."""
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_ahead", None)  # a fetch in flight belongs to this process's thread
+        return state
+
+    def _file_order(
+        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+    ) -> tuple[list[int], bool]:
+        """(the shards this part reads in `epoch`, in order; whether it reads whole files).
+
+        With at least n_parts shards each part reads only its own files; otherwise every
+        part reads all files and keeps the rows whose global index % n_parts == part.
+        """
+        if n_parts < 1 or not 0 <= part < n_parts:
+            raise ValueError(f"part={part} must be in [0, n_parts={n_parts})")
+        n_files = len(self.shards)
+        order = list(range(n_files))
+        if shuffle:
+            order = [int(i) for i in epoch_rng(seed, epoch).permutation(n_files)]
+        by_file = n_files >= n_parts
+        if by_file:
+            order = [i for i in order if i % n_parts == part]
+        return order, by_file
+
+    def _fetched_in_order(
+        self, order: list[int], epoch_key: tuple, next_epoch: tuple[tuple, int] | None
+    ) -> Iterator[tuple[int, str | bytes]]:
+        """(file index, `_fetch` result) for each shard in `order`, the shards of the epoch
+        `epoch_key` names. Remote shards are fetched one ahead, in a background thread,
+        while the reader decodes the current one, so it does not wait on the network at
+        each shard boundary (at most two shards' bytes in memory). With `next_epoch` (its
+        key, its first file), the last shard's turn fetches that one ahead too, for the
+        next call to pick up. A fetch error is raised when its shard's turn comes."""
         if self.is_local or not order:
             yield from ((i, self._path(self.shards[i])) for i in order)
             return
+        ahead, self._ahead = self._ahead, None
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
+        finished = False
         try:
-            pending = pool.submit(self._fetch, self.shards[order[0]])
+            # Forked processes (loader workers) inherit the parent's fetch but not its thread.
+            if ahead is not None and ahead[0] == (os.getpid(), epoch_key, order[0]):
+                pending = ahead[1]
+            else:
+                pending = pool.submit(self._fetch, self.shards[order[0]])
             for k, file_idx in enumerate(order):
                 fetched = pending.result()
                 if k + 1 < len(order):
                     pending = pool.submit(self._fetch, self.shards[order[k + 1]])
+                elif next_epoch is not None:
+                    key, first = next_epoch
+                    future = pool.submit(self._fetch, self.shards[first])
+                    self._ahead = ((os.getpid(), key, first), future)
                 yield file_idx, fetched
+            finished = True
         finally:
-            # A reader that stops early does not wait for the fetch ahead to finish.
-            pool.shutdown(wait=False, cancel_futures=True)
+            # A reader that stops early does not wait for the fetch ahead to finish, and
+            # drops it; one that finished leaves the next epoch's fetch running.
+            if not finished:
+                self._ahead = None
+            pool.shutdown(wait=False, cancel_futures=not finished)
 
     @contextlib.contextmanager
     def _open(self, shard: dict, fetched: str | bytes) -> Iterator[pq.ParquetFile]:
@@ -436,21 +484,16 @@ class ShardDataset(ForkSafeFilesystem):
     def iter_partition(
         self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
     ) -> Iterator[dict]:
-        """Stream this part's samples, one row group in memory at a time.
-
-        With at least n_parts shards each part reads only its own files; otherwise every
-        part reads all files and keeps the rows whose global index % n_parts == part.
-        """
-        if n_parts < 1 or not 0 <= part < n_parts:
-            raise ValueError(f"part={part} must be in [0, n_parts={n_parts})")
-        n_files = len(self.shards)
-        order = list(range(n_files))
-        if shuffle:
-            order = [int(i) for i in epoch_rng(seed, epoch).permutation(n_files)]
-        by_file = n_files >= n_parts
-        if by_file:
-            order = [i for i in order if i % n_parts == part]
-        for file_idx, fetched in self._fetched_in_order(order):
+        """Stream this part's samples, one row group in memory at a time (which shards
+        and rows: `_file_order`)."""
+        order, by_file = self._file_order(part, n_parts, epoch, shuffle, seed)
+        next_epoch = None
+        if self.epochs_follow and not self.is_local:
+            following, _ = self._file_order(part, n_parts, epoch + 1, shuffle, seed)
+            if following:
+                next_epoch = ((part, n_parts, epoch + 1, shuffle, seed), following[0])
+        epoch_key = (part, n_parts, epoch, shuffle, seed)
+        for file_idx, fetched in self._fetched_in_order(order, epoch_key, next_epoch):
             with self._open(self.shards[file_idx], fetched) as pf:
                 yield from self._iter_file(
                     pf, file_idx, part, n_parts, by_file, epoch, shuffle, seed
