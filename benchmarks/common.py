@@ -186,7 +186,7 @@ def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PairLoader:
 
 
 def build_trainer(cfg: Config, prepare: Callable | None = None) -> Trainer:
-    """Model + Trainer as pipelines/loop.py makes them (`prepare` = Ray's prepare_model)."""
+    """Model + Trainer as pipelines/loop.py makes them (`prepare`: its prepare_ddp_model)."""
     seed_everything(cfg.run.seed)
     model = apply_memory_format(create_model(cfg), cfg.optim)
     if prepare is not None:
@@ -234,13 +234,13 @@ def ray_timed_worker(loop_config: dict) -> None:
     """Ray Train worker: what pipelines/loop.py does per step, timed; rank 0 writes JSON.
 
     Same thread setting as loop.py (torch threads = run.cpus_per_worker), same
-    `prepare_model`, Trainer and DataLoader; a `ray.train.report` at the end (a barrier).
+    `prepare_ddp_model`, Trainer and DataLoader; a `ray.train.report` at the end (a barrier).
     """
     import json
 
     import ray.train
-    import ray.train.torch
 
+    from pipelines.loop import prepare_ddp_model
     from san.config import from_dict
 
     entered = time.time()
@@ -248,7 +248,7 @@ def ray_timed_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    trainer = build_trainer(cfg, ray.train.torch.prepare_model)
+    trainer = build_trainer(cfg, prepare_ddp_model)
     batches = iter(train_loader(cfg, rank, world))
     ready = time.time()
     result = timed_steps(trainer, batches, loop_config["steps"], loop_config["warmup"])
