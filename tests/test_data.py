@@ -37,7 +37,7 @@ from san.data import (
     unpack_tensor,
     write_shards,
 )
-from san.data.base import decode_label
+from san.data.base import decode_image, decode_label
 from san.data.shards import SCHEMA, encode_png
 from san.data.transforms import (
     PairTransform,
@@ -409,6 +409,33 @@ def test_folder_unlabelled_root_layout_and_classes(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- shards
+
+
+def _pil_rgb(data: bytes) -> torch.Tensor:
+    with Image.open(io.BytesIO(data)) as im:
+        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "fmt, mode",
+    [("JPEG", "RGB"), ("JPEG", "L"), ("JPEG", "CMYK"), ("PNG", "RGB"), ("PNG", "L")]
+    + [("PNG", "P"), ("PNG", "RGBA"), ("PNG", "I;16"), ("BMP", "RGB")],
+)
+def test_decode_image_gives_pils_pixels(fmt: str, mode: str) -> None:
+    """JPEG/PNG decode through torchcodec, other formats and 16-bit PNGs through PIL: either
+    way the pixels, shape and layout are what PIL's RGB conversion gives, bit for bit."""
+    pixels = np.random.default_rng(0).integers(0, 256, (36, 52, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = Image.fromarray(np.asarray(image).astype(np.uint16) * 200)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    decoded = decode_image(buffer.getvalue(), "x")
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 36, 52)
+    assert torch.equal(decoded, _pil_rgb(buffer.getvalue()))
+    assert decoded.permute(1, 2, 0).is_contiguous()  # H x W x 3 memory, as decoders write
+    with pytest.raises(DataError, match="image 'x' could not be decoded"):
+        decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2], "x")
 
 
 def _records(n: int) -> list[dict]:

