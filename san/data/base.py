@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
-from torchcodec.decoders import decode_image as decode_with_torchcodec
 
 log = logging.getLogger("san")
 
@@ -66,6 +65,10 @@ def _decode_with_torchcodec(data: bytes) -> torch.Tensor | None:
     in favour of these.
     """
     if not data.startswith(_JPEG_OR_PNG):
+        return None
+    try:  # imported here: an environment without it (benchmarks/gpu_device.sh's) uses PIL
+        from torchcodec.decoders import decode_image as decode_with_torchcodec
+    except ImportError:
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
