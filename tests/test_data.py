@@ -7,6 +7,8 @@ import io
 import json
 import math
 import pickle
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,6 +55,8 @@ from san.data.transforms import (
 )
 from san.engine import finished_views
 from san.storage import filesystem
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
 needs_camvid = pytest.mark.skipif(
@@ -436,6 +440,28 @@ def test_decode_image_gives_pils_pixels(fmt: str, mode: str) -> None:
     assert decoded.permute(1, 2, 0).is_contiguous()  # H x W x 3 memory, as decoders write
     with pytest.raises(DataError, match="image 'x' could not be decoded"):
         decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2], "x")
+
+
+def test_decode_image_without_torchcodec_uses_pil(tmp_path: Path) -> None:
+    """Where torchcodec is missing (the GPU device image) or cannot load its library, PIL
+    decodes the same pixels, with one warning saying so."""
+    jpeg = io.BytesIO()
+    Image.fromarray(np.full((8, 12, 3), 90, np.uint8)).save(jpeg, "JPEG")
+    (tmp_path / "x.jpg").write_bytes(jpeg.getvalue())
+    script = (
+        "import logging, sys; sys.modules['torchcodec'] = None; logging.basicConfig()\n"
+        "from san.data.base import decode_image\n"
+        f"data = open({str(tmp_path / 'x.jpg')!r}, 'rb').read()\n"
+        "images = [decode_image(data, 'x') for _ in range(2)]\n"
+        "print(tuple(images[0].shape), images[0].sum().item())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"(3, 8, 12) {_pil_rgb(jpeg.getvalue()).sum().item()}"
+    assert done.stderr.count("torchcodec unavailable") == 1
+    assert "decoding images with PIL" in done.stderr
 
 
 def _records(n: int) -> list[dict]:

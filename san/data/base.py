@@ -5,6 +5,7 @@ Kept apart from `__init__` so the dataset modules can import it without a cycle.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -53,6 +54,19 @@ def first_line(exc: BaseException) -> str:
 _JPEG_OR_PNG = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")
 
 
+@functools.cache
+def _torchcodec_decoder() -> Callable | None:
+    """torchcodec's decode_image, or None (with a warning, once per process) where it is
+    missing (benchmarks/gpu_device.sh's bare image) or cannot load: its wheel links one
+    CUDA version's libraries, and a torch built for another does not provide them."""
+    try:
+        from torchcodec.decoders import decode_image
+    except Exception as exc:  # ImportError, or OSError from loading its native library
+        log.warning("torchcodec unavailable (%s); decoding images with PIL", first_line(exc))
+        return None
+    return decode_image
+
+
 def _decode_with_torchcodec(data: bytes) -> torch.Tensor | None:
     """JPEG/PNG bytes -> uint8 3xHxW RGB through torchcodec's decoders (libjpeg-turbo and
     libpng, as PIL's, written straight into a tensor); None for other formats, for what
@@ -64,11 +78,8 @@ def _decode_with_torchcodec(data: bytes) -> torch.Tensor | None:
     JPEG, 7-20% less per PNG. torchvision's decoders (as fast) are deprecated since 0.29
     in favour of these.
     """
-    if not data.startswith(_JPEG_OR_PNG):
-        return None
-    try:  # imported here: an environment without it (benchmarks/gpu_device.sh's) uses PIL
-        from torchcodec.decoders import decode_image as decode_with_torchcodec
-    except ImportError:
+    decode_with_torchcodec = _torchcodec_decoder()
+    if decode_with_torchcodec is None or not data.startswith(_JPEG_OR_PNG):
         return None
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
