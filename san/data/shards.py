@@ -4,8 +4,8 @@ One row per image: `id`, `image`, `label` (null when unlabelled), `width`, `heig
 `image` holds, by the manifest's `image_encoding`:
 
 - "source" (default): the encoded JPEG/PNG file bytes as they are: the smallest shards,
-  but every read pays the decode (about 0.5 ms for a 240x180 JPEG and 2 ms at 480x360,
-  on one core of the project's test machine);
+  but every read pays the decode (about 0.25 ms for a 240x180 JPEG and 0.6 ms at
+  480x360, read included, on one core of the project's test machine);
 - "raw": the decoded pixels, uint8 RGB, interleaved (height x width x 3), row-major:
   the same pixels, read with no decode at all, at about 8x the bytes of CamVid's JPEGs.
   Pick it when image decode limits training throughput and the storage is affordable
