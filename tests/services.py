@@ -274,7 +274,7 @@ class RayHead:
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        # Fixed defaults (e.g. the agent's 52365) would clash with other Ray instances.
+        # The head node's job agent's HTTP port: `start` waits for it to answer.
         self.agent_port = free_port()
         self.token_path = self.root / "home" / ".ray" / "auth_token"
         self.temp_dir = self.root / "ray"
@@ -327,6 +327,7 @@ class RayHead:
             "--num-cpus", str(self.num_cpus),
             "--temp-dir", str(self.temp_dir),
             "--disable-usage-stats",
+            # Fixed defaults (e.g. the agent's 52365) would clash with other Ray instances.
             "--dashboard-agent-listen-port", str(self.agent_port),
             "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()),
