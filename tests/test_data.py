@@ -40,7 +40,7 @@ from san.data import (
     write_shards,
 )
 from san.data.base import decode_image, decode_label
-from san.data.shards import SCHEMA, encode_png
+from san.data.shards import SCHEMA, _binary_views, encode_png
 from san.data.transforms import (
     PairTransform,
     align_views,
@@ -731,6 +731,14 @@ def test_remote_shards_are_fetched_one_ahead(s3_env, tmp_path: Path) -> None:
     assert (cache / names[1]).exists()
     stream.close()
     assert sorted(p.name for p in cache.iterdir()) == sorted(names[:2])
+
+
+@pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
+def test_binary_views_are_the_column_values(kind) -> None:
+    """Rows read as views of Arrow's buffer are the column's bytes, chunked or sliced."""
+    values = [b"abc", b"", b"\x00\xff" * 3, b"z"]
+    column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values, kind).slice(2)])
+    assert [bytes(v) for v in _binary_views(column)] == values[:2] + values[2:]
 
 
 def test_training_fetches_the_next_epochs_first_shard_ahead(s3_env) -> None:

@@ -108,7 +108,7 @@ def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
 
 
 def _from_raw(
-    data: bytes, shape: tuple[int, ...], kind: str, noun: str, sample_id: str
+    data: bytes | memoryview, shape: tuple[int, ...], kind: str, noun: str, sample_id: str
 ) -> torch.Tensor:
     """Raw uint8 bytes -> a uint8 tensor of `shape` (height, width[, channels]), one flat
     copy; DataError naming the `kind` ("image", "label") and id if the byte count differs."""
@@ -121,7 +121,7 @@ def _from_raw(
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(shape)
 
 
-def decode_raw(data: bytes, height: int, width: int, sample_id: str) -> torch.Tensor:
+def decode_raw(data: bytes | memoryview, height: int, width: int, sample_id: str) -> torch.Tensor:
     """Raw uint8 H x W x 3 pixel bytes -> uint8 3xHxW tensor, as `decode_image` gives
     (a view of channels-last memory).
 
