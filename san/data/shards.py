@@ -259,7 +259,7 @@ class ShardDataset(ForkSafeFilesystem):
     # StreamDataset sets this when it reads epoch after epoch (training): an epoch's last
     # remote shard then fetches the next epoch's first one ahead, as within an epoch.
     epochs_follow = False
-    # (process id, the epoch's iter_partition arguments, file index) -> that fetch ahead.
+    # ((process id, the epoch's iter_partition arguments), the fetch of its first shard).
     _ahead: tuple[tuple, Future] | None = None
 
     def __init__(self, url: str, split: str, cache_dir: str = "") -> None:
@@ -318,6 +318,9 @@ class ShardDataset(ForkSafeFilesystem):
     def _unopenable(self, shard: dict, exc: Exception) -> DataError:
         return DataError(f"shard {self._path(shard)} cannot be opened: {first_line(exc)}")
 
+    def _mismatched(self, shard: dict) -> DataError:
+        return DataError(f"shard {self._path(shard)} fails its manifest sha256 checksum")
+
     def _fetch(self, shard: dict) -> str | bytes:
         """Where a shard is read from: a local path (the file itself, or its verified copy
         in `cache_dir`) or, for a remote shard without a cache, its checked bytes."""
@@ -342,7 +345,7 @@ class ShardDataset(ForkSafeFilesystem):
             raise self._unopenable(shard, exc) from None
         digest = shard.get("sha256")
         if digest and hashlib.sha256(data).hexdigest() != digest:
-            raise DataError(f"shard {self._path(shard)} fails its manifest sha256 checksum")
+            raise self._mismatched(shard)
         return data
 
     def __getstate__(self) -> dict:
@@ -386,7 +389,7 @@ class ShardDataset(ForkSafeFilesystem):
         finished = False
         try:
             # Forked processes (loader workers) inherit the parent's fetch but not its thread.
-            if ahead is not None and ahead[0] == (os.getpid(), epoch_key, order[0]):
+            if ahead is not None and ahead[0] == (os.getpid(), epoch_key):
                 pending = ahead[1]
             else:
                 pending = pool.submit(self._fetch, self.shards[order[0]])
@@ -397,7 +400,7 @@ class ShardDataset(ForkSafeFilesystem):
                 elif next_epoch is not None:
                     key, first = next_epoch
                     future = pool.submit(self._fetch, self.shards[first])
-                    self._ahead = ((os.getpid(), key, first), future)
+                    self._ahead = ((os.getpid(), key), future)
                 yield file_idx, fetched
             finished = True
         finally:
@@ -467,7 +470,7 @@ class ShardDataset(ForkSafeFilesystem):
             with self.fs.open(self._path(shard), "rb") as f:
                 digest = _sha256(f)
             if digest != shard["sha256"]:
-                raise DataError(f"shard {self._path(shard)} fails its manifest sha256 checksum")
+                raise self._mismatched(shard)
 
     def _decode(self, row: dict) -> dict:
         sample_id = row["id"]
