@@ -738,7 +738,7 @@ def test_binary_views_are_the_column_values(kind) -> None:
     """Rows read as views of Arrow's buffer are the column's bytes, chunked or sliced."""
     values = [b"abc", b"", b"\x00\xff" * 3, b"z"]
     column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values, kind).slice(2)])
-    assert [bytes(v) for v in _binary_views(column)] == values[:2] + values[2:]
+    assert [bytes(v) for v in _binary_views(column)] == values
 
 
 def test_training_fetches_the_next_epochs_first_shard_ahead(s3_env) -> None:
