@@ -96,9 +96,9 @@ class DataConfig:
     # Strength of colour jitter between the views (0 disables).
     jitter: float = 0.4
     # DataLoader worker processes per training worker (0 reads in the main process).
-    # One worker delivers about 2600 images/s (two 32 px views each) from CamVid's raw
-    # shards and 1100 from its JPEG folder on the project's 2-core test machine, and about
-    # half that at 480x360 (benchmarks/data_path.py): plenty for a CPU step, but a GPU
+    # One worker delivers about 2800 images/s (two 32 px views each) from CamVid's raw
+    # shards and 2000 from its JPEG folder on the project's 2-core test machine, and 1500
+    # and 1000 at 480x360 (benchmarks/data_path.py): plenty for a CPU step, but a GPU
     # stepping through thousands of images a second needs several (each takes a core).
     loader_workers: int = 1
     # Limit evaluation to this many validation images (0 = all).

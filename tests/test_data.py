@@ -89,20 +89,20 @@ def test_pair_transform_shapes_and_determinism() -> None:
     a = pair(img, torch.Generator().manual_seed(7))
     b = pair(img, torch.Generator().manual_seed(7))
     c = pair(img, torch.Generator().manual_seed(8))
-    assert set(a) == {"views", "geometry", "jitter"}
+    assert set(a) == {"views", "params"}
     # uint8 views leave the loader; colour jitter and normalisation come later (finish).
     assert a["views"].shape == (2, 3, 32, 32) and a["views"].dtype == torch.uint8
-    assert a["jitter"].shape == (2, 4) and a["jitter"].dtype == torch.float32
+    assert a["params"].shape == (2, 9) and a["params"].dtype == torch.float32
+    geometry, jitter = a["params"][:, :5], a["params"][:, 5:]
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert not torch.equal(a["views"], c["views"])
-    assert not torch.equal(a["jitter"][0], a["jitter"][1])
-    assert a["geometry"].shape == (2, 5) and a["geometry"].dtype == torch.float32
-    for box in a["geometry"][:, :4]:
+    assert not torch.equal(jitter[0], jitter[1])
+    for box in geometry[:, :4]:
         assert 0 <= box[0] < box[2] <= 1 and 0 <= box[1] < box[3] <= 1
         assert (box[2] - box[0]) * (box[3] - box[1]) >= 0.5 * 0.85
-    assert set(a["geometry"][:, 4].tolist()) <= {0.0, 1.0}
-    views = finish_views(a["views"].clone(), a["jitter"])
+    assert set(geometry[:, 4].tolist()) <= {0.0, 1.0}
+    views = finish_views(a["views"].clone(), jitter)
     assert views.shape == (2, 3, 32, 32) and not torch.equal(views, normalize(a["views"][0]))
     # Float views would be taken as finished by the training step: refused at the source.
     with pytest.raises(ValueError, match="uint8 3xHxW image.*got torch.float32"):
@@ -168,7 +168,7 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
          "bad_skipped": i}
         for i in range(3)
     ]  # fmt: skip
-    alone = [finish_views(s["views"].clone(), s["jitter"]) for s in samples]
+    alone = [finish_views(s["views"].clone(), s["params"][:, 5:]) for s in samples]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
         "params", "views"
@@ -179,10 +179,10 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
                           "jitter2", "id", "reader", "bad_skipped"}  # fmt: skip
     for i, s in enumerate(samples):
         assert torch.equal(batch["view1"][i], s["views"][0])
-        assert torch.equal(batch["box1"][i], s["geometry"][0, :4])
-        assert torch.equal(batch["box2"][i], s["geometry"][1, :4])
-        assert batch["flip1"][i].item() == bool(s["geometry"][0, 4])
-        assert torch.equal(batch["jitter2"][i], s["jitter"][1])
+        assert torch.equal(batch["box1"][i], s["params"][0, :4])
+        assert torch.equal(batch["box2"][i], s["params"][1, :4])
+        assert batch["flip1"][i].item() == bool(s["params"][0, 4])
+        assert torch.equal(batch["jitter2"][i], s["params"][1, 5:])
     assert batch["flip1"].dtype == torch.bool and batch["view1"].shape == (3, 3, 16, 16)
     assert batch["id"] == ["s0", "s1", "s2"]
     assert batch["reader"].tolist() == [3, 3, 3] and batch["bad_skipped"].tolist() == [0, 1, 2]
@@ -250,7 +250,7 @@ def test_align_views_pair_transform_geometry() -> None:
     for seed in range(12):
         out = pair(img, torch.Generator().manual_seed(seed))
         view1, view2 = finish_views(out["views"], None)
-        (box1, flip1), (box2, flip2) = ((g[:4], g[4:] > 0.5) for g in out["geometry"])
+        (box1, flip1), (box2, flip2) = ((p[:4], p[4:5] > 0.5) for p in out["params"])
         aligned, mask = align_views(view2[None], box1[None], flip1, box2[None], flip2)
         if mask.sum() < 50:
             continue

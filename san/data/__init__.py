@@ -218,7 +218,7 @@ class TrainPairTransform:
         inline (`pack_tensor`).
         """
         views = torch.stack([s["views"] for s in samples])
-        params = torch.stack([torch.cat([s["geometry"], s["jitter"]], dim=1) for s in samples])
+        params = torch.stack([s["params"] for s in samples])
         batch = {
             "views": views,
             "params": params,
