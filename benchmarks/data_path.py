@@ -35,6 +35,7 @@ import torch
 from common import (
     CAMVID,
     ROOT,
+    CpuMeter,
     build_trainer,
     config,
     machine,
@@ -98,35 +99,6 @@ def upscaled_folder(src: Path, root: Path, n: int) -> Path:
             big = im.convert("RGB").resize((im.width * 2, im.height * 2), Image.BICUBIC)
         big.save(images / path.name, quality=92)
     return root
-
-
-class CpuMeter:
-    """CPU seconds another process (`pid`) used between start() and stop() (`used_s`:
-    user + system, all threads, from /proc in 10 ms ticks) and the cores it kept busy
-    (`busy`: `used_s` per wall second). Both stay None without a pid or where /proc
-    cannot tell (not Linux)."""
-
-    def __init__(self, pid: int = 0) -> None:
-        self.pid = pid
-        self.used_s: float | None = None
-        self.busy: float | None = None
-        self._cpu: float | None = None
-
-    def _cpu_s(self) -> float | None:
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-    def start(self) -> None:
-        self._cpu, self._wall = (self._cpu_s() if self.pid else None), time.perf_counter()
-
-    def stop(self) -> None:
-        cpu = self._cpu_s() if self._cpu is not None else None
-        if cpu is not None:
-            self.used_s = cpu - self._cpu
-            self.busy = self.used_s / (time.perf_counter() - self._wall)
 
 
 def compare_sources(

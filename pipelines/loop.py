@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,36 @@ def eval_loader(cfg: Config, source, rank: int = 0, world_size: int = 1) -> Data
         source, eval_sample_transform(cfg.data), rank, world_size, loop=False, shuffle=False
     )
     return DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
+
+
+def report_checkpoint(metrics: dict, state: dict | None, cfg: Config, name: str) -> None:
+    """Report this step to Ray Train with the checkpoint `state` (rank 0) or none (other
+    ranks; every rank reports, as Ray requires), uploaded to run.storage under `name`.
+
+    The checkpoint is written to local disk first, and Ray deletes that copy once it is
+    uploaded. With run.checkpoint_upload "async" Ray uploads in a background thread, so
+    this returns as soon as the checkpoint is written; "sync" returns after the upload.
+    """
+    import ray.train
+
+    upload = ray.train.CheckpointUploadMode
+    mode = upload.ASYNC if cfg.run.checkpoint_upload == "async" else upload.SYNC
+    if state is None:
+        ray.train.report(metrics, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
+        return
+    directory = tempfile.mkdtemp(prefix="san-checkpoint-")
+    try:
+        storage.save_checkpoint(directory, state, cfg.to_dict())
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=True,
+        )
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
 
 
 def run_evaluation(
@@ -327,6 +358,7 @@ def train_loop(loop_config: dict) -> None:
                         for picture, data in evaluation.pictures.items():
                             logger.artifact(data, f"pictures/step_{step:07d}_{picture}")
                         logger.tag("checkpoint_uri", uri)
+                    waited_from = time.perf_counter()
                     state = {
                         "model": core.state_dict(),
                         "trainer": trainer.state_dict(),
@@ -334,15 +366,12 @@ def train_loop(loop_config: dict) -> None:
                         "rng": capture_rng(),
                         "mlflow_run_id": run_id,
                     }
-                    with tempfile.TemporaryDirectory() as directory:
-                        storage.save_checkpoint(directory, state, cfg.to_dict())
-                        ray.train.report(
-                            metrics,
-                            checkpoint=ray.train.Checkpoint.from_directory(directory),
-                            checkpoint_dir_name=name,
-                        )
+                    report_checkpoint(metrics, state, cfg, name)
+                    if logger:
+                        waited = time.perf_counter() - waited_from
+                        logger.metrics({"checkpoint_wait_s": waited}, step)
                 else:
-                    ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+                    report_checkpoint(metrics, None, cfg, name)
     finally:
         # Also on an error (storage down, bad data): buffered results go to a spill file.
         if logger:

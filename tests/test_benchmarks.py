@@ -1,9 +1,11 @@
 """Smoke tests of the benchmarks: each --quick run finishes and writes its results table.
 
-The Ray benchmarks (ray_overhead.py, scaling.py) are not run here: each starts a
-local Ray cluster and one TorchTrainer per variant, minutes on the shared 2-core
-machine. Their worker code (benchmarks/common.py: build_trainer, train_loader,
-timed_steps) is the same the plain-loop side uses, which these tests run.
+The Ray benchmarks (ray_overhead.py, scaling.py, checkpoint_path.py) are not run here:
+each starts a local Ray cluster and one TorchTrainer per variant, minutes on the shared
+2-core machine. Their worker code (benchmarks/common.py: build_trainer, train_loader,
+timed_steps) is the same the plain-loop side uses, which these tests run;
+checkpoint_path.py runs pipelines/train.py's train(), which the end-to-end tests run
+with both values of run.checkpoint_upload.
 gpu.py runs its CPU path (no GPU here), which exercises bf16 and channels_last.
 """
 

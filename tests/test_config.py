@@ -38,6 +38,10 @@ def test_overrides_are_typed():
         ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
         ("loss.w_rec=-1", "loss.w_rec=-1.0 is out of range; allowed: >= 0"),
         ("model.name=stego", "model.name='stego' is not allowed; choose one of"),
+        (
+            "run.checkpoint_upload=later",
+            "run.checkpoint_upload='later' is not allowed; choose one of ['async', 'sync']",
+        ),
         ("optim.compile=maybe", "optim.compile='maybe' has the wrong type; expected a bool"),
         ("data.image_size=100", "must be a multiple of model.vit_patch_size"),
         ("tau=0.1", "must look like section.key"),

@@ -84,6 +84,9 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     assert [m.value for m in skipped] == sorted(m.value for m in skipped)
     assert run.data.metrics["val_bad_samples_skipped"] == 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "miou")] == [3, 6]
+    # The loop's wait per checkpoint (the upload is not in it: run.checkpoint_upload=async).
+    waits = client.get_metric_history(run.info.run_id, "checkpoint_wait_s")
+    assert [m.step for m in waits] == [3, 6] and all(m.value > 0 for m in waits)
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]
     assert "pictures/step_0000006_overlay.png" in pictures
     assert "pictures/step_0000006_confusion.png" in pictures
@@ -126,8 +129,10 @@ def test_interrupted_run_resumes_at_saved_step(tmp_path):
         "run.probe_steps=0",
     ]
     run_dir = tmp_path / "ray" / "resume-me"
+    # The first run waits for each upload, the rerun uploads in the background (the
+    # default): either resumes from the other's checkpoints.
     first = subprocess.Popen(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args, "run.checkpoint_upload=sync"],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
