@@ -10,17 +10,21 @@ endpoint (moto's server), once per value of run.checkpoint_upload, alternating:
 - "sync": the loop waits for each upload before training on;
 - "async" (the default): Ray Train uploads in a background thread while the loop trains.
 
-The loop logs checkpoint_wait_s to MLflow, the seconds from gathering the state to training
-on (evaluation, which both pay, is not in it). The table gives its median per mode, each
-run's wall time, and the upload alone: pyarrow copying one checkpoint folder to the
-endpoint, which is what Ray Train does.
+Each pair runs over two links to the endpoint: straight (127.0.0.1), and through a proxy
+that caps uploads at --link-mbps, sleeping between chunks: a remote store's network,
+whose waiting costs this machine no CPU. The loop logs checkpoint_wait_s to MLflow, the
+seconds from gathering the state to training on (evaluation, which both pay, is not in
+it). The table gives its median per mode and link, each run's wall time, and the CPU
+the endpoint used per checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +34,49 @@ sys.path.insert(0, str(ROOT / "tests"))
 from services import S3Server  # noqa: E402
 
 MODES = ("sync", "async")
+
+
+class ThrottledLink:
+    """A TCP proxy on 127.0.0.1 in front of `target_port`; bytes toward the target (uploads)
+    are capped at `rate` bytes/s (None: not capped) by sleeping, not spinning. The cap is
+    shared by all connections, as a link's bandwidth is (pyarrow uploads a file's parts
+    over several at once)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.rate: float | None = None
+        self._lock = threading.Lock()
+        self._free_at = 0.0  # when the link has sent every chunk handed to it so far
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            for src, dst, capped in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(src, dst, capped), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, capped: bool) -> None:
+        try:
+            while chunk := src.recv(1 << 16):
+                if capped and self.rate:
+                    with self._lock:
+                        self._free_at = max(self._free_at, time.monotonic())
+                        self._free_at += len(chunk) / self.rate
+                        sent_at = self._free_at
+                    time.sleep(max(0.0, sent_at - time.monotonic()))
+                dst.sendall(chunk)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:  # the other side closed
+            pass
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def run_once(mode: str, tag: str, bucket: str, steps: int, every: int, endpoint_pid: int) -> dict:
@@ -97,90 +144,102 @@ def upload_alone(checkpoint: str, work: Path, rounds: int) -> tuple[float, float
 
 
 def main() -> None:
-    args = parse_args(
-        __doc__.splitlines()[0], lambda p: p.add_argument("--repeats", type=int, default=None)
-    )
+    def add(parser) -> None:
+        parser.add_argument("--repeats", type=int, default=None)
+        parser.add_argument("--link-mbps", type=float, default=400.0, help="capped link, Mbit/s")
+
+    args = parse_args(__doc__.splitlines()[0], add)
     repeats = args.repeats or (1 if args.quick else 3)
-    steps, every = (4, 2) if args.quick else (36, 12)
+    steps, every = (4, 2) if args.quick else (72, 24)
+    capped = f"capped at {args.link_mbps:g} Mbit/s"
+    links = {"127.0.0.1": None, capped: args.link_mbps * 1e6 / 8}
     facts = machine()
     work = Path(tempfile.mkdtemp(prefix="san-bench-checkpoint-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     s3 = S3Server(work)
+    link = None
     try:
         s3.start()
-        os.environ.update(s3.env)
+        link = ThrottledLink(s3.port)
+        proxied = f"http://127.0.0.1:{link.port}"
+        os.environ.update(s3.env, AWS_ENDPOINT_URL=proxied, AWS_ENDPOINT_URL_S3=proxied)
         bucket = s3.make_bucket("bench-checkpoints")
         # Untimed: starts Ray and warms imports and caches, which the first timed run
         # would otherwise pay alone.
         run_once("async", "warm-up", bucket, 2, 2, s3.proc.pid)
-        runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
+        runs: dict[tuple[str, str], list[dict]] = {(n, m): [] for n in links for m in MODES}
         for r in range(repeats):
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            for mode in order:
-                run = run_once(mode, f"{mode}-{r}", bucket, steps, every, s3.proc.pid)
-                runs[mode].append(run)
-                print(f"repeat {r} {mode}: {runs[mode][-1]}", flush=True)
-        size, upload_s = upload_alone(runs["sync"][0]["checkpoint"], work, 3 if args.quick else 5)
+            for name, rate in links.items():
+                link.rate = rate
+                for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                    tag = f"{mode}-{'capped' if rate else 'direct'}-{r}"
+                    run = run_once(mode, tag, bucket, steps, every, s3.proc.pid)
+                    runs[(name, mode)].append(run)
+                    print(f"repeat {r} {name} {mode}: {run}", flush=True)
+        link.rate = None
+        checkpoint = runs[("127.0.0.1", "sync")][0]["checkpoint"]
+        size, upload_s = upload_alone(checkpoint, work, 3 if args.quick else 5)
     finally:
+        if link:
+            link.close()
         s3.stop()
         import ray
 
         ray.shutdown()
-    wait = {mode: median([w for run in runs[mode] for w in run["waits"]]) for mode in MODES}
-    wall = {mode: median([run["seconds"] for run in runs[mode]]) for mode in MODES}
-    endpoint = {
-        mode: median([(run["endpoint_cpu_s"] or 0) / len(run["waits"]) for run in runs[mode]])
-        for mode in MODES
-    }
-    rows = [
-        [
-            mode,
-            len(runs[mode][0]["waits"]),
-            wait[mode],
-            wait[mode] / wait["sync"],
-            ", ".join(f"{w:.2f}" for run in runs[mode] for w in run["waits"]),
-            wall[mode],
-            wall[mode] / wall["sync"],
-            endpoint[mode],
-        ]
-        for mode in MODES
-    ]
+    rows = []
+    for name in links:
+        base = runs[(name, "sync")]
+        for mode in MODES:
+            done = runs[(name, mode)]
+            waits = [w for run in done for w in run["waits"]]
+            rows.append(
+                [
+                    name,
+                    mode,
+                    len(done[0]["waits"]),
+                    median(waits),
+                    median(waits) / median([w for run in base for w in run["waits"]]),
+                    ", ".join(f"{w:.2f}" for w in waits),
+                    median([run["seconds"] for run in done]),
+                    median([a["seconds"] / b["seconds"] for a, b in zip(done, base, strict=True)]),
+                    median([(run["endpoint_cpu_s"] or 0) / len(run["waits"]) for run in done]),
+                ]
+            )
     main_table = table(
         [
+            "link to the endpoint",
             "run.checkpoint_upload",
             "checkpoints per run",
             "median checkpoint_wait_s",
             "x sync (wait)",
             "every checkpoint_wait_s",
             "median run s",
-            "x sync (run)",
+            "x sync (run, median of repeats)",
             "endpoint CPU s per checkpoint",
         ],
         rows,
     )
-    facts["command"] = "python benchmarks/checkpoint_path.py" + (" --quick" if args.quick else "")
     setup = (
         f"default.yaml's model at 32 px, batch 4, {steps} steps, a checkpoint every {every} "
-        f"steps (the last one too), {repeats} alternating repeats per mode, after an untimed "
-        f"warm-up run; the training worker computes on one core (run.cpus_per_worker=1). "
-        f"Storage: a bucket of a local S3 endpoint (moto server, on the same machine: its "
-        f"share of an upload runs on the other core). One checkpoint: {size:.1f} "
-        f"MiB (weights, AdamW state, config, manifest); uploading it alone (pyarrow "
-        f"copy_files, as Ray Train does) takes {upload_s:.2f} s (median)."
+        f"steps (the last one too), {repeats} alternating repeats per mode and link, after "
+        f"an untimed warm-up run; the training worker computes on one core "
+        f"(run.cpus_per_worker=1). Storage: a bucket of a local S3 endpoint (moto server, "
+        f"on the same machine: its share of an upload runs on the other core). One "
+        f"checkpoint: {size:.1f} MiB (weights, AdamW state, config, manifest); uploading it "
+        f"alone over 127.0.0.1 (pyarrow copy_files, as Ray Train does) takes {upload_s:.2f} "
+        f"s (median)."
     )
     notes = """
 checkpoint_wait_s is what the training loop spends per checkpoint besides evaluation:
 gathering the state, writing it (torch.save, sha256 manifest) to local disk, and with
 "sync" the upload. With "async" the upload overlaps training; a run still ends only after
-its last upload, so a run saves the uploads of all its checkpoints but the last. That
-holds while an upload takes less time than the steps between two checkpoints: closer
-checkpoints queue their uploads (one at a time, each a local copy on disk) and the run
-waits for the queue at its end. Measured here at a checkpoint every 4 steps (uploads
-1.5-2 s, 1.1 s of loop between checkpoints): the loop's wait fell 1.62 -> 0.42 s, yet runs
-took 29.1 vs 29.6 s. The endpoint is a Python process on this machine (its CPU per
-checkpoint is in the table), given the core that training leaves free; against a remote
-store (S3, MinIO) an upload is mostly waiting on the network, and the loop trains through
-it.
+its last upload, so at best a run saves the uploads of all its checkpoints but the last.
+Over 127.0.0.1 an upload is CPU work on this 2-core machine (moto's Python endpoint, the
+client's HTTP and checksums) that, overlapped, competes with training's steps; over a
+link that waits on the network (the capped rows, as a remote S3 or MinIO), the loop
+trains through the upload. Either way the saving needs an upload to take less time than
+the steps between two checkpoints: closer checkpoints queue their uploads (one at a
+time, each a local copy on disk) and the run waits for the queue at its end.
 """
     write_results(
         "checkpoint_path",
