@@ -6,6 +6,7 @@ and `pipelines/tune.py` both use it, so there is one copy of the training code.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,13 +73,29 @@ def eval_loader(cfg: Config, source, rank: int = 0, world_size: int = 1) -> Data
     return DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0)
 
 
-def report_checkpoint(metrics: dict, state: dict | None, cfg: Config, name: str) -> None:
+def checkpoint_staging(storage_url: str) -> Path:
+    """This machine's folder for the checkpoints of the run at `storage_url` (run.storage
+    joined with run.name) on their way there.
+
+    Ray deletes each once uploaded. A run killed with uploads still queued leaves theirs
+    behind, so `train_loop` empties the folder when the run (re)starts. Named by the run
+    and a hash of its full URL: same-named runs on other storage are other runs.
+    """
+    digest = hashlib.sha256(storage_url.encode()).hexdigest()[:12]
+    name = f"{os.path.basename(storage_url.rstrip('/'))}-{digest}"
+    return Path(tempfile.gettempdir()) / "san-checkpoints" / name
+
+
+def report_checkpoint(
+    metrics: dict, state: dict | None, cfg: Config, storage_url: str, name: str
+) -> None:
     """Report this step to Ray Train with the checkpoint `state` (rank 0) or none (other
     ranks; every rank reports, as Ray requires), uploaded to run.storage under `name`.
 
-    The checkpoint is written to local disk first, and Ray deletes that copy once it is
-    uploaded. With run.checkpoint_upload "async" Ray uploads in a background thread, so
-    this returns as soon as the checkpoint is written; "sync" returns after the upload.
+    The checkpoint is written to local disk first (`checkpoint_staging`), and Ray deletes
+    that copy once it is uploaded. With run.checkpoint_upload "async" Ray uploads in a
+    background thread, so this returns as soon as the checkpoint is written; "sync"
+    returns after the upload.
     """
     import ray.train
 
@@ -86,7 +104,9 @@ def report_checkpoint(metrics: dict, state: dict | None, cfg: Config, name: str)
     if state is None:
         ray.train.report(metrics, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
         return
-    directory = tempfile.mkdtemp(prefix="san-checkpoint-")
+    staging = checkpoint_staging(storage_url)
+    staging.mkdir(parents=True, exist_ok=True)
+    directory = tempfile.mkdtemp(prefix=f"{name}-", dir=staging)
     try:
         storage.save_checkpoint(directory, state, cfg.to_dict())
         ray.train.report(
@@ -244,6 +264,10 @@ def train_loop(loop_config: dict) -> None:
     from san.models import create_model
 
     model = create_model(cfg)
+    if rank == 0:  # the only rank that writes checkpoints
+        # What an earlier attempt of this run left there reached storage already, or went
+        # with that attempt, which never registered it.
+        shutil.rmtree(checkpoint_staging(storage_url), ignore_errors=True)
     state = None
     registered = ray.train.get_checkpoint()
     # A newer complete checkpoint than Ray registered may be in storage: the run was killed
@@ -366,12 +390,12 @@ def train_loop(loop_config: dict) -> None:
                         "rng": capture_rng(),
                         "mlflow_run_id": run_id,
                     }
-                    report_checkpoint(metrics, state, cfg, name)
+                    report_checkpoint(metrics, state, cfg, storage_url, name)
                     if logger:
                         waited = time.perf_counter() - waited_from
                         logger.metrics({"checkpoint_wait_s": waited}, step)
                 else:
-                    report_checkpoint(metrics, None, cfg, name)
+                    report_checkpoint(metrics, None, cfg, storage_url, name)
     finally:
         # Also on an error (storage down, bad data): buffered results go to a spill file.
         if logger:

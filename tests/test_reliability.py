@@ -185,6 +185,13 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
     assert complete_steps(s3_server, bucket, prefix) == reported
     for step in reported:
         assert is_complete_checkpoint(f"s3://{bucket}/{prefix}checkpoint_{step:07d}"), step
+    # The killed worker left the local copies of its queued uploads; the restarted worker
+    # cleared them, and Ray deleted each of its own once uploaded.
+    from pipelines.loop import checkpoint_staging
+    from san.storage import join
+
+    staging = checkpoint_staging(join(f"s3://{bucket}/runs", name))
+    assert staging.is_dir() and not list(staging.iterdir())
 
     # No secret value anywhere: params, tags, metric names, artifacts, storage, logs.
     needles = [v.encode() for v in secret_values.values()]
