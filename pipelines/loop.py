@@ -86,21 +86,28 @@ def checkpoint_staging(storage_url: str) -> Path:
     return Path(tempfile.gettempdir()) / "san-checkpoints" / name
 
 
+def uploads_in_background(cfg: Config, sweep_trial: bool) -> bool:
+    """run.checkpoint_upload, with "auto" resolved: async unless this is a sweep's trial."""
+    if cfg.run.checkpoint_upload == "auto":
+        return not sweep_trial
+    return cfg.run.checkpoint_upload == "async"
+
+
 def report_checkpoint(
-    metrics: dict, state: dict | None, cfg: Config, storage_url: str, name: str
+    metrics: dict, state: dict | None, cfg: Config, storage_url: str, name: str, background: bool
 ) -> None:
     """Report this step to Ray Train with the checkpoint `state` (rank 0) or none (other
     ranks; every rank reports, as Ray requires), uploaded to run.storage under `name`.
 
     The checkpoint is written to local disk first (`checkpoint_staging`), and Ray deletes
-    that copy once it is uploaded. With run.checkpoint_upload "async" Ray uploads in a
-    background thread, so this returns as soon as the checkpoint is written; "sync"
-    returns after the upload.
+    that copy once it is uploaded. In the `background` (`uploads_in_background`) Ray
+    uploads in its own thread, so this returns as soon as the checkpoint is written;
+    otherwise it returns after the upload.
     """
     import ray.train
 
     upload = ray.train.CheckpointUploadMode
-    mode = upload.ASYNC if cfg.run.checkpoint_upload == "async" else upload.SYNC
+    mode = upload.ASYNC if background else upload.SYNC
     if state is None:
         ray.train.report(metrics, checkpoint_dir_name=name, checkpoint_upload_mode=mode)
         return
@@ -264,6 +271,7 @@ def train_loop(loop_config: dict) -> None:
     from san.models import create_model
 
     model = create_model(cfg)
+    background = uploads_in_background(cfg, sweep_trial)
     if rank == 0:  # the only rank that writes checkpoints
         # What an earlier attempt of this run left there reached storage already, or went
         # with that attempt, which never registered it.
@@ -390,12 +398,12 @@ def train_loop(loop_config: dict) -> None:
                         "rng": capture_rng(),
                         "mlflow_run_id": run_id,
                     }
-                    report_checkpoint(metrics, state, cfg, storage_url, name)
+                    report_checkpoint(metrics, state, cfg, storage_url, name, background)
                     if logger:
                         waited = time.perf_counter() - waited_from
                         logger.metrics({"checkpoint_wait_s": waited}, step)
                 else:
-                    report_checkpoint(metrics, None, cfg, storage_url, name)
+                    report_checkpoint(metrics, None, cfg, storage_url, name, background)
     finally:
         # Also on an error (storage down, bad data): buffered results go to a spill file.
         if logger:

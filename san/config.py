@@ -180,17 +180,20 @@ class RunConfig:
     log_every: int = 10
     # Keep this many most recent checkpoints in storage (0 keeps all).
     keep_checkpoints: int = 3
-    # How a checkpoint reaches run.storage: "async" writes it to local disk and trains on
+    # How a checkpoint reaches run.storage: "async" writes it to local disk (under
+    # <tmp>/san-checkpoints/, emptied when the run starts or restarts) and trains on
     # while Ray Train uploads it in a background thread (then deletes the local copy);
-    # "sync" waits for the upload at every checkpoint. Either way Ray registers (and a
-    # restart resumes from) a checkpoint only once it is fully uploaded, and a run ends
-    # only after its last upload. Async takes the upload out of the training loop's wait
-    # (the checkpoint_wait_s metric; an 81 MiB checkpoint to an S3 endpoint behind a 400
-    # Mbit/s link: 3.1 -> 0.4 s, and runs of 3 checkpoints took 0.87x as long:
-    # benchmarks/results/checkpoint_path.md). It pays while an upload takes less than
-    # checkpoint_every's steps: closer checkpoints queue their uploads (a local copy each)
-    # and the run waits for them at its end.
-    checkpoint_upload: str = "async"
+    # "sync" waits for the upload at every checkpoint; "auto" is async for a training run
+    # and sync for a sweep's trial, as Ray passes a checkpoint's metrics on (to the
+    # sweep's scheduler too) only once it is uploaded, and a waiting trial is stopped one
+    # upload sooner. Either way Ray registers (and a restart resumes from) a checkpoint
+    # only once it is fully uploaded, and a run ends only after its last upload. Async
+    # takes the upload out of the training loop's wait (the checkpoint_wait_s metric; an
+    # 81 MiB checkpoint to an S3 endpoint behind a 400 Mbit/s link: 3.1 -> 0.4 s, and
+    # runs of 3 checkpoints took 0.87x as long: benchmarks/results/checkpoint_path.md).
+    # It pays while an upload takes less than checkpoint_every's steps: closer
+    # checkpoints queue their uploads (a local copy each) and the run waits at its end.
+    checkpoint_upload: str = "auto"
     # Restarts of the worker group after a worker dies (resumes from the last checkpoint).
     max_failures: int = 1
     # Fixed validation images drawn as overlay panels at each evaluation.
@@ -236,7 +239,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "optim.precision": ("none", "bf16", "fp16"),
     "optim.grad_allreduce": ("fp32", "bf16", "fp16"),
     "run.use_gpu": ("auto", "true", "false"),
-    "run.checkpoint_upload": ("async", "sync"),
+    "run.checkpoint_upload": ("auto", "async", "sync"),
 }
 # (lower, upper, lower_inclusive); upper is inclusive, None means unbounded.
 RANGES: dict[str, tuple[float, float | None, bool]] = {

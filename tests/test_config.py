@@ -40,7 +40,7 @@ def test_overrides_are_typed():
         ("model.name=stego", "model.name='stego' is not allowed; choose one of"),
         (
             "run.checkpoint_upload=later",
-            "run.checkpoint_upload='later' is not allowed; choose one of ['async', 'sync']",
+            "run.checkpoint_upload='later' is not allowed; choose one of ['auto', 'async', 'sync']",
         ),
         ("optim.compile=maybe", "optim.compile='maybe' has the wrong type; expected a bool"),
         ("data.image_size=100", "must be a multiple of model.vit_patch_size"),

@@ -84,7 +84,7 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     assert [m.value for m in skipped] == sorted(m.value for m in skipped)
     assert run.data.metrics["val_bad_samples_skipped"] == 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "miou")] == [3, 6]
-    # The loop's wait per checkpoint (the upload is not in it: run.checkpoint_upload=async).
+    # The loop's wait per checkpoint (the upload is not in it: "auto" is async here).
     waits = client.get_metric_history(run.info.run_id, "checkpoint_wait_s")
     assert [m.step for m in waits] == [3, 6] and all(m.value > 0 for m in waits)
     pictures = [a.path for a in client.list_artifacts(run.info.run_id, "pictures")]

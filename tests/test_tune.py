@@ -110,6 +110,23 @@ def test_training_loop_sees_when_the_scheduler_stopped_its_run(tmp_path: Path) -
     assert not RunLogger("no-such-run", uri).stopped_by_scheduler()
 
 
+def test_sweep_trials_wait_for_checkpoint_uploads() -> None:
+    """run.checkpoint_upload=auto: a training run uploads in the background, a sweep's trial
+    waits, as Ray Train passes a checkpoint's metrics to the scheduler only once uploaded
+    (in the background, a stopped loser trained on for that long)."""
+    from pipelines.loop import uploads_in_background
+    from san.config import load_config
+
+    auto = load_config(None, [])
+    assert auto.run.checkpoint_upload == "auto"
+    assert uploads_in_background(auto, sweep_trial=False)
+    assert not uploads_in_background(auto, sweep_trial=True)
+    for value, background in (("async", True), ("sync", False)):
+        cfg = load_config(None, [f"run.checkpoint_upload={value}"])
+        for sweep_trial in (False, True):
+            assert uploads_in_background(cfg, sweep_trial) is background
+
+
 @pytest.mark.e2e
 def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -> None:
     """4 trials, 2 concurrent, ASHA: half the trials face an 8-class scene with K=2 clusters
