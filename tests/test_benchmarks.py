@@ -5,7 +5,7 @@ each starts a local Ray cluster and one TorchTrainer per variant, minutes on the
 2-core machine. Their worker code (benchmarks/common.py: build_trainer, train_loader,
 timed_steps) is the same the plain-loop side uses, which these tests run;
 checkpoint_path.py runs pipelines/train.py's train(), which the end-to-end tests run
-with both values of run.checkpoint_upload.
+with run.checkpoint_upload at its default (async for a training run) and at sync.
 gpu.py runs its CPU path (no GPU here), which exercises bf16 and channels_last.
 """
 
