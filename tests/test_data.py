@@ -45,6 +45,7 @@ from san.data.transforms import (
     PairTransform,
     align_views,
     color_jitter,
+    crop_box,
     crop_view,
     denormalize,
     eval_transform,
@@ -107,6 +108,22 @@ def test_pair_transform_shapes_and_determinism() -> None:
     # Float views would be taken as finished by the training step: refused at the source.
     with pytest.raises(ValueError, match="uint8 3xHxW image.*got torch.float32"):
         pair(img.float() / 255, torch.Generator())
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, 1 - 2**-53])
+def test_crop_boxes_stay_inside_the_image_at_the_uniforms_extremes(u) -> None:
+    """crop_box maps its four uniforms to a box inside the image with the drawn area
+    scale, at the smallest and largest numbers torch.rand gives."""
+    for height, width, min_scale in [(90, 120, 0.5), (7, 300, 0.1), (1, 1, 0.5)]:
+        x0, y0, x1, y1 = crop_box(height, width, min_scale, [u, u, u, u])
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        if u == 0.0:
+            assert (x0, y0) == (0, 0)
+        if (height, width) == (90, 120):  # a box the image never clamps
+            scale = (x1 - x0) * (y1 - y0) / (height * width)
+            assert abs(scale - (min_scale + (1 - min_scale) * u)) < 0.1
+    # The position is uniform over every place the box fits: both ends are reachable.
+    assert crop_box(90, 120, 0.5, [0.0, 0.5, 1 - 2**-53, 1 - 2**-53])[2:] == (120, 90)
 
 
 def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
