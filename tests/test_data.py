@@ -172,6 +172,10 @@ def test_uint8_views_match_the_float_resize_within_one_grey_level(box) -> None:
     assert (view.float() / 255 - as_float).abs().max() < 1 / 255
     x0, y0, x1, y1 = box
     assert unit == float_unit == [x0 / 120, y0 / 90, x1 / 120, y1 / 90]
+    # A crop is a strided view of the image's memory: a box outside it is refused, not read.
+    for outside in [(x0, y0, 121, y1), (-1, y0, x1, y1), (x0, y0, x0, y1), (x0, 60, x1, 91)]:
+        with pytest.raises(ValueError, match=r"crop box .* is not inside a 120x90 image"):
+            crop_view(image, outside, 32, flip=False)
 
 
 def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_would() -> None:
@@ -185,7 +189,13 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
          "bad_skipped": i}
         for i in range(3)
     ]  # fmt: skip
-    alone = [finish_views(s["views"].clone(), s["params"][:, 5:]) for s in samples]
+    # A sample holds lists (`PairTransform.views`); `PairTransform.__call__` packs the same.
+    pair = PairTransform(16, DataConfig().crop_min_scale, DataConfig().jitter)
+    whole = [pair(img, torch.Generator().manual_seed(i)) for i in range(3)]
+    for s, w in zip(samples, whole, strict=True):
+        assert torch.equal(torch.stack(s["views"]), w["views"])
+        assert torch.equal(torch.tensor(s["params"]), w["params"])
+    alone = [finish_views(w["views"].clone(), w["params"][:, 5:]) for w in whole]
     packed = train.collate(samples)
     assert sorted(k for k, v in packed.items() if isinstance(v, torch.Tensor)) == [
         "params", "views"
@@ -194,7 +204,7 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
     batch = unpack_pairs(packed)
     assert set(batch) == {"view1", "view2", "box1", "box2", "flip1", "flip2", "jitter1",
                           "jitter2", "id", "reader", "bad_skipped"}  # fmt: skip
-    for i, s in enumerate(samples):
+    for i, s in enumerate(whole):
         assert torch.equal(batch["view1"][i], s["views"][0])
         assert torch.equal(batch["box1"][i], s["params"][0, :4])
         assert torch.equal(batch["box2"][i], s["params"][1, :4])

@@ -203,9 +203,10 @@ class TrainPairTransform:
         self.pair = PairTransform(cfg.image_size, cfg.crop_min_scale, cfg.jitter)
 
     def __call__(self, sample: dict, generator: torch.Generator) -> dict:
-        out = self.pair(sample["image"], generator)
-        out["id"] = sample["id"]
-        return out
+        """sample -> {"views": both uint8 views, "params": both rows of 9 numbers (lists,
+        as `PairTransform.views` gives them; `collate` makes the batch's tensors), "id"}."""
+        views, params = self.pair.views(sample["image"], generator)
+        return {"views": views, "params": params, "id": sample["id"]}
 
     def collate(self, samples: list[dict]) -> dict:
         """Samples -> {"views": uint8 B x 2 x 3 x S x S (not yet jittered or normalised),
@@ -217,8 +218,9 @@ class TrainPairTransform:
         uint8, a quarter of float32's bytes. In a loader worker the two tensors cross
         inline (`pack_tensor`).
         """
-        views = torch.stack([s["views"] for s in samples])
-        params = torch.stack([s["params"] for s in samples])
+        views = torch.stack([view for s in samples for view in s["views"]])
+        views = views.view(len(samples), 2, *views.shape[1:])
+        params = torch.tensor([s["params"] for s in samples], dtype=torch.float32)
         batch = {
             "views": views,
             "params": params,
