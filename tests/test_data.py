@@ -149,7 +149,17 @@ def test_batched_colour_jitter_equals_one_image_at_a_time() -> None:
         y = torch.einsum("ij,jhw->ihw", hue_matrices(torch.tensor([angle]))[0], y).clamp(0, 1)
         assert torch.allclose(got, y, atol=1e-6)
         assert not torch.allclose(got, image, atol=1e-3)
-    # The hue matrix only rotates chroma: greys stay grey, colours move.
+    # The hue matrix is the rotation of the (I, Q) chroma plane, in RGB: greys stay grey.
+    rgb2yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        dtype=torch.float64,
+    )
+    for angle in (0.5, -1.0, math.pi):
+        c, s = math.cos(angle), math.sin(angle)
+        rotation = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+        expected = torch.linalg.inv(rgb2yiq) @ rotation @ rgb2yiq
+        got = hue_matrices(torch.tensor([angle]))[0]
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-6)
     hue = hue_matrices(torch.tensor([0.5]))[0]
     assert torch.allclose(hue @ torch.full((3,), 0.5), torch.full((3,), 0.5), atol=1e-6)
     assert not torch.allclose(hue @ torch.tensor([0.8, 0.2, 0.1]), torch.tensor([0.8, 0.2, 0.1]))

@@ -24,6 +24,22 @@ _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211,
 _YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
 
 
+def _hue_basis() -> Tensor:
+    """3 x 9: the rotation by `a` of the (I, Q) plane is KEEP + cos(a) COS + sin(a) SIN,
+    so its RGB matrix, YIQ2RGB @ rotation @ RGB2YIQ, is that sum of three fixed matrices
+    (rows here, flattened): a batch's hue matrices are then one small matmul, not a 3x3
+    product per image (17 us against 32 for 16 views)."""
+    rgb2yiq = _RGB2YIQ.double()
+    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    keep = torch.diag(torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    cos = torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64))
+    sin = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    return torch.stack([(yiq2rgb @ m @ rgb2yiq).flatten() for m in (keep, cos, sin)])
+
+
+_HUE_BASIS = _hue_basis()
+
+
 def normalize(img: Tensor) -> Tensor:
     """uint8 (or float in [0,1]) 3xHxW -> ImageNet-normalised float32."""
     x = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
@@ -119,13 +135,8 @@ def hue_matrices(angles: Tensor) -> Tensor:
     """N hue angles (radians) -> N x 3 x 3 RGB matrices rotating the (I, Q) chroma plane by
     each, on the angles' device (so jitter on a GPU never waits for the host)."""
     angles = angles.to(torch.float64)
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    one, zero = torch.ones_like(angles), torch.zeros_like(angles)
-    rotations = torch.stack([one, zero, zero, zero, cos, -sin, zero, sin, cos], dim=-1).view(
-        -1, 3, 3
-    )
-    yiq2rgb, rgb2yiq = (m.to(angles.device) for m in (_YIQ2RGB, _RGB2YIQ))
-    return yiq2rgb @ rotations.float() @ rgb2yiq
+    weights = torch.stack([torch.ones_like(angles), torch.cos(angles), torch.sin(angles)], -1)
+    return (weights @ _HUE_BASIS.to(angles.device)).float().view(-1, 3, 3)
 
 
 def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
@@ -139,13 +150,15 @@ def color_jitter(x: Tensor, jitter: Tensor) -> Tensor:
     jitter = jitter.to(x.device)
     brightness, contrast, saturation = jitter[:, :3].to(x.dtype).view(b, 3, 1, 1, 1).unbind(1)
     hue = hue_matrices(jitter[:, 3]).to(x.dtype)
-    gray_w = _GRAY.to(x.device, x.dtype).view(1, 3, 1, 1)
+    # Greys and channel mixes as matmuls over B x 3 x (H W): one op each, not a product
+    # and a sum (the per-image ops cost 160 us for 16 32-px views, 215 before).
+    gray_row = _GRAY.to(x.device, x.dtype).view(1, 1, 3)
     x = x.mul_(brightness).clamp_(0, 1)
-    mean = (x * gray_w).sum(1).mean((1, 2)).view(b, 1, 1, 1)
-    x = x.sub_(mean).mul_(contrast).add_(mean).clamp_(0, 1)
-    gray = (x * gray_w).sum(1, keepdim=True)
-    x = x.sub_(gray).mul_(saturation).add_(gray).clamp_(0, 1)
-    return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 1)
+    mean = (x.reshape(b, 3, -1).mean(2) @ gray_row.view(3, 1)).view(b, 1, 1, 1)
+    x = x.mul_(contrast).add_(mean * (1 - contrast)).clamp_(0, 1)  # mean + c (x - mean)
+    gray = (gray_row @ x.reshape(b, 3, -1)).view(b, 1, *x.shape[2:])
+    x = torch.lerp(gray, x, saturation).clamp_(0, 1)  # gray + s (x - gray)
+    return (hue @ x.reshape(b, 3, -1)).view(x.shape).clamp_(0, 1)
 
 
 def finish_views(views: Tensor, jitter: Tensor | None) -> Tensor:
