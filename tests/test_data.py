@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from san.data import (
     unpack_tensor,
     write_shards,
 )
-from san.data.base import decode_image, decode_label
+from san.data.base import decode_image, decode_label, decode_raw
 from san.data.shards import SCHEMA, _binary_views, encode_png
 from san.data.transforms import (
     PairTransform,
@@ -776,6 +777,35 @@ def test_binary_views_are_the_column_values(kind) -> None:
     values = [b"abc", b"", b"\x00\xff" * 3, b"z"]
     column = pa.chunked_array([pa.array(values[:2], kind), pa.array(values, kind).slice(2)])
     assert [bytes(v) for v in _binary_views(column)] == values
+
+
+def test_raw_images_wrap_the_column_arrow_read_and_copy_read_only_bytes(tmp_path: Path) -> None:
+    """A raw image's tensor is the memory of the column Arrow has just read from its shard
+    (no copy); bytes, and read-only views such as a memory-mapped file's, are copied, so
+    writing to the tensor never writes through to them."""
+    pixels = bytes(range(24))  # 2 x 4 x 3
+    pq.write_table(pa.table({"image": [pixels, pixels[::-1]]}), tmp_path / "rows.parquet")
+    with pa.memory_map(str(tmp_path / "rows.parquet")) as mapped:
+        column = pq.ParquetFile(mapped).read_row_group(0).column("image")
+        buffer = column.chunks[0].buffers()[2]
+        views = _binary_views(column)
+        wrapped = [decode_raw(v, 2, 4, f"r{i}") for i, v in enumerate(views)]
+        for view, tensor in zip(views, wrapped, strict=True):
+            assert torch.equal(tensor.permute(1, 2, 0).flatten(), torch.tensor(list(bytes(view))))
+            assert buffer.address <= tensor.data_ptr() < buffer.address + buffer.size
+        wrapped[1][0, 0, 0] = 99  # the tensor is the column's memory, and writable
+        assert bytes(views[1])[0] == 99 and bytes(views[0]) == pixels
+        mapped.seek(0)
+        file_view = memoryview(mapped.read_buffer(24))  # the file's own bytes, read-only
+        file_bytes = bytes(file_view)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when it wraps read-only memory
+            for data in (pixels, memoryview(pixels), file_view):
+                assert isinstance(data, bytes) or data.readonly
+                copied = decode_raw(data, 2, 4, "copied")
+                copied[0, 0, 0] = 200
+                assert copied[0, 0, 0] == 200 and bytes(data)[0] != 200
+        assert bytes(file_view) == file_bytes and pixels == bytes(range(24))
 
 
 def test_training_fetches_the_next_epochs_first_shard_ahead(s3_env) -> None:

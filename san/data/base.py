@@ -110,22 +110,30 @@ def decode_image(data: bytes, sample_id: str) -> torch.Tensor:
 def _from_raw(
     data: bytes | memoryview, shape: tuple[int, ...], kind: str, noun: str, sample_id: str
 ) -> torch.Tensor:
-    """Raw uint8 bytes -> a uint8 tensor of `shape` (height, width[, channels]), one flat
-    copy; DataError naming the `kind` ("image", "label") and id if the byte count differs."""
+    """Raw uint8 bytes -> a uint8 tensor of `shape` (height, width[, channels]); DataError
+    naming the `kind` ("image", "label") and id if the byte count differs.
+
+    A writable buffer (a view of the column Arrow has just read, `shards._binary_views`)
+    becomes the tensor's memory as it is: copying a 240x180 image out of it again cost 7%
+    of the training data path's time from raw shards. Read-only bytes are copied once
+    (a tensor must be writable); so is a read-only view, such as one of a memory-mapped
+    file, which must never be written through."""
     height, width, needed = shape[0], shape[1], math.prod(shape)
     if len(data) != needed:
         raise DataError(
             f"{kind} {sample_id!r} has {len(data)} raw bytes; a {width}x{height} {noun} "
             f"(width x height) needs {needed}"
         )
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(shape)
+    writable = isinstance(data, memoryview) and not data.readonly
+    return torch.frombuffer(data if writable else bytearray(data), dtype=torch.uint8).view(shape)
 
 
 def decode_raw(data: bytes | memoryview, height: int, width: int, sample_id: str) -> torch.Tensor:
     """Raw uint8 H x W x 3 pixel bytes -> uint8 3xHxW tensor, as `decode_image` gives
     (a view of channels-last memory).
 
-    No decode, one flat copy; DataError naming the id if the byte count does not match.
+    No decode, and no copy of a writable buffer (`_from_raw`); DataError naming the id if
+    the byte count does not match.
     """
     return _from_raw(data, (height, width, 3), "image", "RGB image", sample_id).permute(2, 0, 1)
 
