@@ -132,13 +132,18 @@ def compare_sources(
     return rates, endpoint_cores
 
 
+RESULT_COLUMNS = ["source", "how", "img/s (median)", "x folder (same how)", "range over repeats"]
+
+
 def ratio_rows(rates: dict, folder: str) -> list[list]:
-    """Table rows: source, how, median img/s, median of per-repeat ratios to the folder."""
+    """Table rows: source, how, median img/s, median of per-repeat ratios to the folder,
+    and their range (on a shared VM the spread between repeats is part of the result)."""
     rows = []
     for (name, how), values in rates.items():
-        same_how = rates.get((folder, how))
-        ratio = median([a / b for a, b in zip(values, same_how, strict=True)]) if same_how else 1
-        rows.append([name, how, median(values), ratio])
+        same_how = rates.get((folder, how)) or values
+        ratios = [a / b for a, b in zip(values, same_how, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
+        rows.append([name, how, median(values), median(ratios), spread])
     rows.sort(key=lambda row: (row[1], row[0]))
     return rows
 
@@ -385,7 +390,7 @@ def main() -> None:
     folder_ms = 1000 / median(rates[("folder (JPEG/PNG files)", "read + decode only")])
     raw_ms = 1000 / median(rates[("raw shards (local Parquet)", "read + decode only")])
     loader_ms, step_ms = 1000 / aug_loader, 1000 / aug_step
-    measured = {how: ratio for name, how, _, ratio in rows if name == "raw shards (local Parquet)"}
+    measured = {row[1]: row[3] for row in rows if row[0] == "raw shards (local Parquet)"}
     sections.append(
         (
             "Where the time goes",
@@ -444,8 +449,7 @@ def main() -> None:
                 "q92), the size of the dataset as published (the shared copy is halved). "
                 "Decode cost grows with the pixel count, and so does the crop-and-resize "
                 "to the view size (an antialiased resize reads every pixel of the crop); "
-                "the colour jitter and collation do not.\n\n"
-                + table(["source", "how", "img/s (median)", "x folder (same how)"], large_rows),
+                "the colour jitter and collation do not.\n\n" + table(RESULT_COLUMNS, large_rows),
             )
         )
     write_results(
@@ -453,7 +457,7 @@ def main() -> None:
         "Data path: images/s delivered to the training step",
         args.out,
         facts,
-        table(["source", "how", "img/s (median)", "x folder (same how)"], rows),
+        table(RESULT_COLUMNS, rows),
         notes=NOTES + f"\nFolder reference row: {folder_key}.",
         sections=sections,
     )
