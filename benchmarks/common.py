@@ -223,23 +223,69 @@ def build_trainer(cfg: Config, prepare: Callable | None = None) -> Trainer:
     return Trainer(model, cfg, torch.device("cpu"))
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds every process on this machine has used since boot (user, nice, system,
+    irq and softirq from /proc/stat; not idle, iowait or time the hypervisor stole), or
+    None where /proc cannot tell (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_quiet(
+    max_other_cores: float = 0.2, window_s: float = 0.5, limit_s: float = 30
+) -> float:
+    """Wait until the other processes on this machine use under `max_other_cores` over a
+    `window_s` window (or `limit_s` has passed); returns the seconds waited.
+
+    A Ray Train run leaves work behind when fit() returns: its actors exit and Ray
+    starts fresh idle workers (each a Python start-up, about a core for a second), which
+    would otherwise be timed as part of whatever variant runs next.
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < limit_s:
+        busy, own = machine_busy_s(), time.process_time()
+        if busy is None:
+            break
+        time.sleep(window_s)
+        others = machine_busy_s() - busy - (time.process_time() - own)
+        if others / window_s < max_other_cores:
+            break
+    return time.perf_counter() - start
+
+
 def timed_steps(trainer: Trainer, batches: Iterator[dict], n_steps: int, warmup: int) -> dict:
-    """Run warmup steps, then time n_steps one by one (batch fetch included in each)."""
+    """Run warmup steps, then time n_steps one by one (batch fetch included in each).
+
+    Also counts, over the timed steps, the cores this process kept busy (`own_cores`, all
+    its threads) and those every other process on the machine did (`other_cores`: Ray's
+    daemons and actors, loader workers, anything else running): on a machine with as many
+    cores as the step has threads, the others' share is taken from the step.
+    """
     for _ in range(warmup):
         trainer.step(next(batches))
     times = []
+    busy, own, wall = machine_busy_s(), time.process_time(), time.perf_counter()
     for _ in range(n_steps):
         start = time.perf_counter()
         trainer.step(next(batches))
         times.append(time.perf_counter() - start)
     if not times:  # warm-up only
         return {}
+    wall = time.perf_counter() - wall
+    own = time.process_time() - own
+    end_busy = machine_busy_s()
     return {
         "step_s_median": median(times),
         "step_s_mean": sum(times) / len(times),
         "steps_per_s": len(times) / sum(times),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
+        "own_cores": own / wall,
+        "other_cores": None if busy is None else max(0.0, end_busy - busy - own) / wall,
     }
 
 

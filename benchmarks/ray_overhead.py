@@ -28,6 +28,7 @@ from common import (
     table,
     timed_steps,
     train_loader,
+    wait_until_quiet,
     write_results,
 )
 
@@ -70,6 +71,7 @@ def main() -> None:
             order = list(variants) if r % 2 == 0 else list(reversed(variants))
             for name in order:
                 cfg, threads = variants[name]
+                waited = wait_until_quiet()
                 if cfg is None:
                     torch.set_num_threads(threads)
                     res = plain_loop(base, steps, warmup)
@@ -78,7 +80,12 @@ def main() -> None:
                         cfg, steps, warmup, Path(tmp), f"ray-{r}-{list(variants).index(name)}"
                     )
                 runs[name].append(res)
-                print(f"repeat {r} {name}: {res['steps_per_s']:.3f} steps/s", flush=True)
+                print(
+                    f"repeat {r} {name}: {res['steps_per_s']:.3f} steps/s "
+                    f"(waited {waited:.1f} s for a quiet machine; other processes "
+                    f"{res['other_cores']:.2f} cores while timed)",
+                    flush=True,
+                )
     rows = []
     for name, results in runs.items():
         plain = runs[
@@ -98,6 +105,8 @@ def main() -> None:
                 median(ratios),
                 median(med_ratios),
                 ", ".join(f"{x:.2f}" for x in ratios),
+                cores(results, "own_cores"),
+                cores(results, "other_cores"),
                 results[0]["threads"],
                 results[0]["omp_num_threads"],
                 f"{median([res['startup_s'] for res in results]):.1f}"
@@ -112,6 +121,8 @@ def main() -> None:
         "x plain, same threads (steps/s)",
         "x plain, same threads (median step)",
         "per-repeat x plain",
+        "step process cores",
+        "other processes cores",
         "torch threads",
         "OMP_NUM_THREADS",
         "start-up s",
@@ -135,6 +146,12 @@ def main() -> None:
     )
 
 
+def cores(results: list[dict], key: str) -> str:
+    """Median over repeats of a CPU share timed_steps measured ("-" where /proc could not)."""
+    values = [res[key] for res in results if res.get(key) is not None]
+    return f"{median(values):.2f}" if values else "-"
+
+
 def base_with(cfg, cpus: int):
     from san.config import from_dict
 
@@ -152,6 +169,16 @@ plain loop's in the same repeat; target >= 0.95. The plain loop uses torch's
 default thread count (one per core); inside Ray, pipelines/loop.py sets torch's
 threads to run.cpus_per_worker and Ray sets OMP_NUM_THREADS to the same, so a
 worker that reserves fewer CPUs than the machine has computes with fewer threads.
+
+"step process cores" and "other processes cores" are the CPU the timing process
+(all its threads) and every other process on the machine used during the timed
+steps, from /proc (medians over repeats). Ray's daemons (raylet, GCS, dashboard, log
+monitor) run through both kinds of variant; during a fit, Train's controller and
+helper actors run too, each a Ray worker process that wakes about a hundred times a
+second. Where the step's threads fill every core, what those processes take is taken
+from the step; with a core to spare it is not. Before each variant the benchmark waits
+until other processes use under 0.2 cores, because the fit before it leaves work
+behind (its actors exit and Ray starts fresh idle workers).
 """
 
 

@@ -9,8 +9,10 @@ with run.checkpoint_upload at its default (async for a training run) and at sync
 gpu.py runs its CPU path (no GPU here), which exercises bf16 and channels_last.
 """
 
+import itertools
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,25 @@ def test_benchmark_quick(name, expect, tmp_path):
     assert "- torch: " in text and "- machine: " in text and "--quick" in text
     # The table is printed last.
     assert proc.stdout.rstrip().splitlines()[-1].startswith("|")
+
+
+def test_timed_steps_tell_the_steps_cpu_from_other_processes():
+    """A process spinning beside the timed steps counts as another process's CPU, not
+    the steps'; wait_until_quiet waits while it spins and returns once it has stopped."""
+    from benchmarks.common import timed_steps, wait_until_quiet
+
+    class SleepingTrainer:  # a step that uses no CPU: all the CPU seen is the spinner's
+        def step(self, batch):
+            time.sleep(0.1)
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        result = timed_steps(SleepingTrainer(), itertools.repeat({}), n_steps=10, warmup=0)
+        assert result["other_cores"] > 0.5, result
+        assert result["own_cores"] < 0.3, result
+        assert wait_until_quiet(max_other_cores=0.5, limit_s=1.5) >= 1.5
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert wait_until_quiet(max_other_cores=0.5, limit_s=20) < 10
