@@ -194,6 +194,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def median_cores(results: list[dict], key: str) -> str:
+    """Median over repeats of a CPU share timed_steps measured ("-" where /proc could not)."""
+    values = [res[key] for res in results if res.get(key) is not None]
+    return f"{median(values):.2f}" if values else "-"
+
+
 def train_loader(cfg: Config, rank: int = 0, world_size: int = 1) -> PairLoader:
     """The training DataLoader exactly as pipelines/loop.py builds it."""
     stream = StreamDataset(
@@ -282,6 +288,7 @@ def timed_steps(trainer: Trainer, batches: Iterator[dict], n_steps: int, warmup:
         "step_s_median": median(times),
         "step_s_mean": sum(times) / len(times),
         "steps_per_s": len(times) / sum(times),
+        "step_s": times,
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
         "own_cores": own / wall,
@@ -309,7 +316,9 @@ def ray_timed_worker(loop_config: dict) -> None:
     """Ray Train worker: what pipelines/loop.py does per step, timed; rank 0 writes JSON.
 
     Same thread setting as loop.py (torch threads = run.cpus_per_worker), same
-    `prepare_ddp_model`, Trainer and DataLoader; a `ray.train.report` at the end (a barrier).
+    `prepare_ddp_model` (skipped when `loop_config["ddp"]` is false), Trainer and
+    DataLoader; workers start their timed steps together, and a `ray.train.report` at the
+    end is a barrier.
     """
     import json
 
@@ -323,12 +332,18 @@ def ray_timed_worker(loop_config: dict) -> None:
     torch.set_num_threads(max(1, cfg.run.cpus_per_worker))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    trainer = build_trainer(cfg, prepare_ddp_model)
+    trainer = build_trainer(cfg, prepare_ddp_model if loop_config["ddp"] else None)
     batches = iter(train_loader(cfg, rank, world))
     ready = time.time()
-    result = timed_steps(trainer, batches, loop_config["steps"], loop_config["warmup"])
+    timed_steps(trainer, batches, 0, loop_config["warmup"])
+    if world > 1:  # time the workers' steps side by side, also when no all-reduce syncs them
+        torch.distributed.barrier()
+    result = timed_steps(trainer, batches, loop_config["steps"], 0)
     result.update(entered_at=entered, ready_at=ready, world_size=world)
     if world > 1:
+        every_rank: list = [None] * world
+        torch.distributed.all_gather_object(every_rank, result["step_s"])
+        result["step_s_by_rank"] = every_rank
         result["allreduce_s"] = allreduce_time(trainer.model)
         result["allreduce_s_bf16"] = allreduce_time(trainer.model, torch.bfloat16)
     if rank == 0:
@@ -336,8 +351,11 @@ def ray_timed_worker(loop_config: dict) -> None:
     ray.train.report({"steps_per_s": result["steps_per_s"]})
 
 
-def ray_fit(cfg: Config, steps: int, warmup: int, workdir: Path, tag: str) -> dict:
-    """One TorchTrainer.fit of ray_timed_worker; adds start-up (fit call -> loop entered)."""
+def ray_fit(
+    cfg: Config, steps: int, warmup: int, workdir: Path, tag: str, ddp: bool = True
+) -> dict:
+    """One TorchTrainer.fit of ray_timed_worker; adds start-up (fit call -> loop entered).
+    `ddp=False`: each worker trains its own copy of the model, with no gradient all-reduce."""
     import json
 
     from ray.train import RunConfig, ScalingConfig
@@ -351,6 +369,7 @@ def ray_fit(cfg: Config, steps: int, warmup: int, workdir: Path, tag: str) -> di
             "steps": steps,
             "warmup": warmup,
             "out_file": str(out_file),
+            "ddp": ddp,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,

@@ -23,6 +23,7 @@ from common import (
     init_ray,
     machine,
     median,
+    median_cores,
     parse_args,
     ray_fit,
     table,
@@ -105,8 +106,8 @@ def main() -> None:
                 median(ratios),
                 median(med_ratios),
                 ", ".join(f"{x:.2f}" for x in ratios),
-                cores(results, "own_cores"),
-                cores(results, "other_cores"),
+                median_cores(results, "own_cores"),
+                median_cores(results, "other_cores"),
                 results[0]["threads"],
                 results[0]["omp_num_threads"],
                 f"{median([res['startup_s'] for res in results]):.1f}"
@@ -144,12 +145,6 @@ def main() -> None:
         notes=NOTES,
         sections=[("Setup", setup)],
     )
-
-
-def cores(results: list[dict], key: str) -> str:
-    """Median over repeats of a CPU share timed_steps measured ("-" where /proc could not)."""
-    values = [res[key] for res in results if res.get(key) is not None]
-    return f"{median(values):.2f}" if values else "-"
 
 
 def base_with(cfg, cpus: int):

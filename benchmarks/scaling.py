@@ -3,16 +3,19 @@
     .venv/bin/python benchmarks/scaling.py [--quick] [--repeats N] [--steps N]
 
 Each worker reserves 1 CPU (this machine has 2) and keeps its own batch (weak
-scaling: 2 workers process twice the images per step). Two workers run twice, with
-gradients all-reduced in float32 and in bf16 (optim.grad_allreduce); the variants
-alternate (forwards, then backwards). The measured per-step compute, the gradient
-bytes DDP all-reduces per step and the measured all-reduce times feed a written model
-of multi-node scaling, printed and saved with the table in benchmarks/results/scaling.md.
+scaling: 2 workers process twice the images per step). Two workers run three times:
+with gradients all-reduced in float32 and in bf16 (optim.grad_allreduce), and as two
+independent models with no all-reduce (what two workers reach on this machine); the
+variants alternate (forwards, then backwards). The measured per-step compute, the
+gradient bytes DDP all-reduces per step and the measured all-reduce times feed a
+written model of multi-node scaling, which is checked against the 2-worker steps here;
+all printed and saved with the table in benchmarks/results/scaling.md.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -24,9 +27,11 @@ from common import (
     init_ray,
     machine,
     median,
+    median_cores,
     parse_args,
     ray_fit,
     table,
+    wait_until_quiet,
     write_results,
 )
 
@@ -41,14 +46,16 @@ LINKS = {
 BUCKET_BYTES = 25 * 2**20  # DDP's default bucket_cap_mb
 
 
-# (workers, optim.grad_allreduce), in the order a forward repeat runs them.
-VARIANTS = [(1, "fp32"), (2, "fp32"), (2, "bf16")]
+# (workers, optim.grad_allreduce), in the order a forward repeat runs them. "none": two
+# workers that train independent copies of the model (not DDP-wrapped, no all-reduce),
+# the most two workers could reach on this machine, which the DDP rows are read against.
+VARIANTS = [(1, "fp32"), (2, "fp32"), (2, "bf16"), (2, "none")]
 
 
 def with_workers(cfg, n: int, grad_allreduce: str):
     values = cfg.to_dict()
     values["run"].update(num_workers=n, cpus_per_worker=1)
-    values["optim"]["grad_allreduce"] = grad_allreduce
+    values["optim"]["grad_allreduce"] = "fp32" if grad_allreduce == "none" else grad_allreduce
     return from_dict(values)
 
 
@@ -95,7 +102,10 @@ def main() -> None:
         for r in range(repeats):
             for n, reduce in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                 cfg = with_workers(base, n, reduce)
-                res = ray_fit(cfg, steps, warmup, Path(tmp), f"scale-{r}-{n}-{reduce}")
+                wait_until_quiet()  # the fit before leaves its actors exiting
+                res = ray_fit(
+                    cfg, steps, warmup, Path(tmp), f"scale-{r}-{n}-{reduce}", reduce != "none"
+                )
                 runs[n, reduce].append(res)
                 print(
                     f"repeat {r}, {n} worker(s), {reduce} all-reduce: "
@@ -106,6 +116,7 @@ def main() -> None:
     flops = training_flops(base)
     batch = base.optim.batch_size
     one = median([r["steps_per_s"] for r in runs[1, "fp32"]])
+    independent = median([r["steps_per_s"] for r in runs[2, "none"]])
     rows = []
     for (n, reduce), results in runs.items():
         sps = median([r["steps_per_s"] for r in results])
@@ -113,12 +124,14 @@ def main() -> None:
             [
                 n,
                 "1 each",
-                reduce if n > 1 else "-",
+                {1: "-", "none": "none (independent models)"}.get(n if n == 1 else reduce, reduce),
                 sps,
                 median([r["step_s_median"] for r in results]) * 1000,
                 sps * batch * n,
                 sps * n / one,
                 sps / one,
+                sps / independent if n > 1 else "-",
+                median_cores(results, "other_cores"),
             ]
         )
     header = [
@@ -130,6 +143,8 @@ def main() -> None:
         "img/s (global)",
         "img/s vs 1 worker",
         "steps/s vs 1 worker",
+        "steps/s vs 2 independent workers",
+        "other processes cores (rank 0's view)",
     ]
     two = runs[2, "fp32"] + runs[2, "bf16"]
     measured_ar = (
@@ -153,6 +168,7 @@ def main() -> None:
                 f"{repeats} alternating repeats of {warmup} warm-up + {steps} timed steps.",
             ),
             ("Scaling model", scaling_model(grad_bytes, flops, batch, t_compute, measured_ar)),
+            ("The model against this machine", model_check(runs, measured_ar)),
         ],
     )
 
@@ -207,6 +223,41 @@ def scaling_model(
     return "\n".join(lines)
 
 
+def model_check(runs: dict, measured_ar: tuple[float, float]) -> str:
+    """The model's 2-worker step (o = 0) from what this run measured, against the DDP steps.
+
+    Mean step times: T_c is the mean step of two independent workers; with DDP each step
+    also waits for the slower of the two, which the independent workers' steps side by
+    side estimate (the mean over steps of the slower rank's step time, less T_c)."""
+    independent = runs[2, "none"]
+    t_c = median([r["step_s_mean"] for r in independent])
+    slower = median(
+        [statistics.fmean(map(max, zip(*r["step_s_by_rank"], strict=True))) for r in independent]
+    )
+    lines = []
+    for reduce, t_ar in zip(("fp32", "bf16"), measured_ar, strict=True):
+        measured = median([r["step_s_mean"] for r in runs[2, reduce]])
+        predicted = slower + t_ar
+        lines.append(
+            f"| {reduce} | {t_c * 1000:.0f} | {(slower - t_c) * 1000:.1f} | {t_ar * 1000:.1f} "
+            f"| {predicted * 1000:.0f} | {measured * 1000:.0f} | {measured / predicted:.2f} |"
+        )
+    return "\n".join(
+        [
+            "Two workers here, both cores busy, o = 0 (one core per worker: the all-reduce's "
+            "copies share the core with backward, so nothing is hidden). T_c: mean step of two "
+            "independent workers (no all-reduce); wait: how much longer the slower of the two "
+            "takes per step, from the same runs (steps paired by index); T_ar: the all-reduce "
+            "measured between the two workers. Medians over repeats:",
+            "",
+            "| all-reduce | T_c ms | wait for the slower worker ms | T_ar ms | predicted "
+            "step ms | measured DDP step ms (mean) | measured / predicted |",
+            "|---|---|---|---|---|---|---|",
+            *lines,
+        ]
+    )
+
+
 def batch_for_efficiency(batch: int, t_gpu: float, t_ar: float) -> int:
     """Per-GPU batch at which compute alone hides 90% of the step: T_c' >= 9 T_ar."""
     return math.ceil(batch * 9 * t_ar / t_gpu) if t_ar else batch
@@ -214,10 +265,19 @@ def batch_for_efficiency(batch: int, t_gpu: float, t_ar: float) -> int:
 
 NOTES = """
 This machine has 2 cores shared with other jobs: 2 workers x 1 CPU each compete
-with the data loader processes and the background load, so the measured 2-worker
+with Ray's own processes and the background load, so the measured 2-worker
 efficiency is a lower bound for real multi-node runs where each worker has its own
 cores. The scaling model above uses the measured FLOPs and gradient bytes; link
 bandwidths are typical effective all-reduce bus bandwidths, not measured.
+
+"2 independent workers" train their own copies of the model, with no all-reduce:
+what two workers reach on this machine when nothing ties them together, so the DDP
+rows' ratio to it is the cost of the all-reduce and of waiting for the slower worker.
+
+"Other processes cores" is the CPU every process but rank 0's used during rank 0's
+timed steps (from /proc): with 2 workers it includes the other worker's core, with
+1 worker it is Ray's own daemons and actors. Each variant starts once the machine
+is quiet (other processes under 0.2 cores), after the previous fit's leftovers.
 """
 
 
