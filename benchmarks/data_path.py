@@ -45,6 +45,7 @@ from common import (
     table,
     timed_steps,
     train_loader,
+    wait_until_quiet,
     write_results,
 )
 
@@ -112,6 +113,9 @@ def compare_sources(
     endpoint_cores: dict[tuple[str, str], list[float]] = {}
 
     def measure(key: tuple[str, str], remote: bool, run: Callable, cfg) -> None:
+        # The measurement before may leave work running: its loader worker exiting, the
+        # endpoint serving a shard fetched ahead.
+        wait_until_quiet()
         meter = CpuMeter(endpoint_pid if remote else 0)
         rates.setdefault(key, []).append(run(cfg, n_images, meter))
         if meter.busy is not None:
