@@ -82,9 +82,9 @@ def main() -> None:
                     )
                 runs[name].append(res)
                 print(
-                    f"repeat {r} {name}: {res['steps_per_s']:.3f} steps/s "
-                    f"(waited {waited:.1f} s for a quiet machine; other processes "
-                    f"{res['other_cores']:.2f} cores while timed)",
+                    f"repeat {r} {name}: {res['steps_per_s']:.3f} steps/s (waited "
+                    f"{waited:.1f} s for a quiet machine; other processes "
+                    f"{median_cores([res], 'other_cores')} cores while timed)",
                     flush=True,
                 )
     rows = []

@@ -124,7 +124,7 @@ def main() -> None:
             [
                 n,
                 "1 each",
-                {1: "-", "none": "none (independent models)"}.get(n if n == 1 else reduce, reduce),
+                "-" if n == 1 else "none (independent models)" if reduce == "none" else reduce,
                 sps,
                 median([r["step_s_median"] for r in results]) * 1000,
                 sps * batch * n,
@@ -226,35 +226,31 @@ def scaling_model(
 def model_check(runs: dict, measured_ar: tuple[float, float]) -> str:
     """The model's 2-worker step (o = 0) from what this run measured, against the DDP steps.
 
-    Mean step times: T_c is the mean step of two independent workers; with DDP each step
-    also waits for the slower of the two, which the independent workers' steps side by
-    side estimate (the mean over steps of the slower rank's step time, less T_c)."""
+    Mean step times: T_c is the mean step of two independent workers (both ranks' steps);
+    with DDP each step also waits for the slower of the two, which the independent
+    workers' steps side by side estimate (the mean over steps of the slower rank's step
+    time, less T_c)."""
     independent = runs[2, "none"]
-    t_c = median([r["step_s_mean"] for r in independent])
+    t_c = median([statistics.fmean(sum(r["step_s_by_rank"], [])) for r in independent])
     slower = median(
         [statistics.fmean(map(max, zip(*r["step_s_by_rank"], strict=True))) for r in independent]
     )
-    lines = []
+    rows = []
     for reduce, t_ar in zip(("fp32", "bf16"), measured_ar, strict=True):
         measured = median([r["step_s_mean"] for r in runs[2, reduce]])
         predicted = slower + t_ar
-        lines.append(
-            f"| {reduce} | {t_c * 1000:.0f} | {(slower - t_c) * 1000:.1f} | {t_ar * 1000:.1f} "
-            f"| {predicted * 1000:.0f} | {measured * 1000:.0f} | {measured / predicted:.2f} |"
-        )
-    return "\n".join(
-        [
-            "Two workers here, both cores busy, o = 0 (one core per worker: the all-reduce's "
-            "copies share the core with backward, so nothing is hidden). T_c: mean step of two "
-            "independent workers (no all-reduce); wait: how much longer the slower of the two "
-            "takes per step, from the same runs (steps paired by index); T_ar: the all-reduce "
-            "measured between the two workers. Medians over repeats:",
-            "",
-            "| all-reduce | T_c ms | wait for the slower worker ms | T_ar ms | predicted "
-            "step ms | measured DDP step ms (mean) | measured / predicted |",
-            "|---|---|---|---|---|---|---|",
-            *lines,
-        ]
+        rows.append([reduce, t_c * 1000, (slower - t_c) * 1000, t_ar * 1000, predicted * 1000,
+                     measured * 1000, measured / predicted])  # fmt: skip
+    header = ["all-reduce", "T_c ms", "wait for the slower worker ms", "T_ar ms",
+              "predicted step ms", "measured DDP step ms (mean)",
+              "measured / predicted"]  # fmt: skip
+    return (
+        "Two workers here, both cores busy, o = 0 (one core per worker: the all-reduce's "
+        "copies share the core with backward, so nothing is hidden). T_c: mean step of two "
+        "independent workers (no all-reduce, both ranks' steps); wait: how much longer the "
+        "slower of the two takes per step, from the same runs (steps paired by index); T_ar: "
+        "the all-reduce measured between the two workers. Medians over repeats:\n\n"
+        + table(header, rows)
     )
 
 
