@@ -172,7 +172,12 @@ class RunConfig:
     num_workers: int = 1
     # "auto" uses GPUs when the cluster has them; "true"/"false" force it.
     use_gpu: str = "auto"
-    # CPUs reserved per worker.
+    # CPUs reserved per worker; torch computes with this many threads (pipelines/loop.py).
+    # On CPU workers, reserve the cores the step should use, but note that where the
+    # workers fill every core, Ray's own processes (0.05-0.15 of a core on the 2-core test
+    # VM, benchmarks/results/ray_overhead.md) and busy loader workers take their share
+    # from the step. Two 1-CPU workers on 2 cores gave 1.4-1.65x one worker's images/s
+    # (results/scaling.md).
     cpus_per_worker: int = 1
     # Checkpoint (and evaluate) every N steps; the last step is always checkpointed.
     checkpoint_every: int = 100
