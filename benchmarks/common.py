@@ -241,6 +241,21 @@ def machine_busy_s() -> float | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_mark() -> tuple[float | None, float, float]:
+    """Where the machine's CPU, this process's CPU and the clock stand now, for `cores_since`."""
+    return machine_busy_s(), time.process_time(), time.perf_counter()
+
+
+def cores_since(mark: tuple[float | None, float, float]) -> tuple[float, float | None]:
+    """(cores this process kept busy, cores every other process did) since `mark`; the
+    second is None where /proc cannot tell."""
+    busy, own, wall = mark
+    wall = time.perf_counter() - wall
+    own = time.process_time() - own
+    others = None if busy is None else max(0.0, machine_busy_s() - busy - own) / wall
+    return own / wall, others
+
+
 def wait_until_quiet(
     max_other_cores: float = 0.2, window_s: float = 0.5, limit_s: float = 30
 ) -> float:
@@ -253,12 +268,11 @@ def wait_until_quiet(
     """
     start = time.perf_counter()
     while time.perf_counter() - start < limit_s:
-        busy, own = machine_busy_s(), time.process_time()
-        if busy is None:
+        mark = cpu_mark()
+        if mark[0] is None:  # /proc cannot tell: nothing to wait for
             break
         time.sleep(window_s)
-        others = machine_busy_s() - busy - (time.process_time() - own)
-        if others / window_s < max_other_cores:
+        if cores_since(mark)[1] < max_other_cores:
             break
     return time.perf_counter() - start
 
@@ -274,16 +288,14 @@ def timed_steps(trainer: Trainer, batches: Iterator[dict], n_steps: int, warmup:
     for _ in range(warmup):
         trainer.step(next(batches))
     times = []
-    busy, own, wall = machine_busy_s(), time.process_time(), time.perf_counter()
+    mark = cpu_mark()
     for _ in range(n_steps):
         start = time.perf_counter()
         trainer.step(next(batches))
         times.append(time.perf_counter() - start)
     if not times:  # warm-up only
         return {}
-    wall = time.perf_counter() - wall
-    own = time.process_time() - own
-    end_busy = machine_busy_s()
+    own_cores, other_cores = cores_since(mark)
     return {
         "step_s_median": median(times),
         "step_s_mean": sum(times) / len(times),
@@ -291,8 +303,8 @@ def timed_steps(trainer: Trainer, batches: Iterator[dict], n_steps: int, warmup:
         "step_s": times,
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"),
-        "own_cores": own / wall,
-        "other_cores": None if busy is None else max(0.0, end_busy - busy - own) / wall,
+        "own_cores": own_cores,
+        "other_cores": other_cores,
     }
 
 
