@@ -37,11 +37,24 @@ def pipeline_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` different TCP ports on 127.0.0.1 that nothing listens on right now. They are
+    bound together, so no two are the same: a port asked for alone is free again as
+    soon as it is returned, and the next request can get it too (a Ray head given the
+    same port for its dashboard and its metrics export fails to start)."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -270,12 +283,11 @@ class RayHead:
         # What a real cluster's `ray start` environment holds (deploy/cluster.yaml's
         # services.env, KubeRay's Secret): every job and worker inherits it.
         self.cluster_env = dict(cluster_env or {})
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        # Every port the head is given, all different; the agent port is the head node's
+        # job agent's HTTP port, which `start` waits for.
+        (self.port, self.dashboard_port, self.agent_port, *self.other_ports) = free_ports(7)
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        # The head node's job agent's HTTP port: `start` waits for it to answer.
-        self.agent_port = free_port()
         self.token_path = self.root / "home" / ".ray" / "auth_token"
         self.temp_dir = self.root / "ray"
         self.proc: subprocess.Popen | None = None
@@ -329,10 +341,10 @@ class RayHead:
             "--disable-usage-stats",
             # Fixed defaults (e.g. the agent's 52365) would clash with other Ray instances.
             "--dashboard-agent-listen-port", str(self.agent_port),
-            "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()),
-            "--metrics-export-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()),
+            "--dashboard-agent-grpc-port", str(self.other_ports[0]),
+            "--runtime-env-agent-port", str(self.other_ports[1]),
+            "--metrics-export-port", str(self.other_ports[2]),
+            "--ray-client-server-port", str(self.other_ports[3]),
         ]  # fmt: skip
         self.proc = _spawn(cmd, env, self.log)
         try:
