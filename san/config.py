@@ -154,7 +154,8 @@ class OptimConfig:
     # outweighs its GPU compute (benchmarks/results/scaling.md). On CPUs it does not pay:
     # 2 workers on this project's 2-core machine, all-reduce of the gradients 21.7 -> 14.6
     # ms, step 166 -> 170 ms (the casts cost what the bytes save). CamVid quality with
-    # bf16 vs fp32 all-reduce, 2 workers, 6 seeds: no loss (README).
+    # bf16 vs fp32 all-reduce, 2 workers, 6 seeds: no loss
+    # (benchmarks/results/quality_grad_allreduce.md).
     # Prefer bf16 (float32's range); fp16 can overflow on large (loss-scaled) gradients.
     grad_allreduce: str = "fp32"
 
