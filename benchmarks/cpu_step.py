@@ -8,7 +8,8 @@ forward of both views (2 x 16 images), all four losses, backward, AdamW. Forward
 alone is timed too, so the backward + optimiser share is visible. img/s counts
 source images (16 per step), not views. Each is timed in float32 and with the CPU
 user's speed switches, bf16 autocast and channels_last (`optim.precision`,
-`optim.channels_last`), which pay on CPUs with AMX (san.engine.cpu_has_amx).
+`optim.channels_last`), which pay on CPUs with bf16 instructions, AMX or AVX512-BF16
+(san.engine.cpu_has_native_bf16).
 --compile adds both with `optim.compile` (torch.compile, inductor: C++ kernels on CPU);
 their first step, which compiles, is reported apart.
 """
@@ -52,8 +53,9 @@ def batch(n: int, size: int) -> dict:
     }
 
 
-# The speed switches a CPU user has (config keys, as training uses them). On a CPU with
-# AMX-BF16 (Intel Sapphire Rapids and later) bf16 matmuls run about 4x float32's rate.
+# The speed switches a CPU user has (config keys, as training uses them). bf16 matmuls run
+# about 4x float32's rate with AMX (Intel Sapphire Rapids and later), 2.3x with AVX512-BF16
+# (AMD Zen 4, Intel Cooper Lake).
 VARIANTS = {
     "fp32": [],
     "bf16 autocast": ["optim.precision=bf16"],
@@ -208,9 +210,11 @@ def measure(args) -> None:
     notes = (
         "Measured on a shared, loaded 2-core machine: read the img/s as an order of "
         "magnitude (load average is in the header), not a precise rate; the x fp32 column "
-        "compares variants timed alternately in the same run. bf16 pays only on a CPU with "
-        "AMX: with oneDNN limited to AVX512-BF16 the default.yaml step ran at 0.87x of "
-        "float32, to AVX512 0.42x, to AVX2 0.07x (training warns without AMX)."
+        "compares variants timed alternately in the same run. bf16 pays on a CPU with bf16 "
+        "instructions: bf16 + channels_last 1.65-1.97x with AMX (an Intel Xeon, 10 runs), "
+        "1.72-1.92x with AVX512-BF16 (an AMD EPYC, 2 runs). Without them oneDNN emulates "
+        "bf16: with oneDNN limited to AVX512 the default.yaml step ran at 0.42x of float32, "
+        "to AVX2 0.07x (training warns there)."
     )
     if args.compile:
         notes += (

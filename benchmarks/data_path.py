@@ -17,8 +17,8 @@ DataLoader, as pipelines/loop.py builds it) is timed with 0 and 1 loader workers
 and the source alone (read + decode, no augmentation) shows where the time goes.
 Then a training step with real data (local shards) is compared with a step on a
 pre-made batch, alternating, with 0 and 1 loader workers: if the two match, the data
-path is not the bottleneck. On a CPU with AMX that is done for the bf16 + channels_last
-step too, the fastest this CPU trains.
+path is not the bottleneck. On a CPU with bf16 instructions (AMX or AVX512-BF16) that is
+done for the bf16 + channels_last step too, the fastest this CPU trains.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from san.data import (
     unpack_pairs,
     write_shards,
 )
-from san.engine import cpu_has_amx, finished_views
+from san.engine import cpu_has_native_bf16, finished_views
 from san.storage import fetch_object
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -326,7 +326,7 @@ def main() -> None:
         # Also with the fastest CPU step (bf16 + channels_last) where it is fast: the
         # faster the step, the larger the data path's share.
         step_configs = {"float32": base}
-        if cpu_has_amx():
+        if cpu_has_native_bf16():
             step_configs["bf16 + channels_last"] = config(
                 args.quick, ["optim.precision=bf16", "optim.channels_last=true"]
             )

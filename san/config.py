@@ -127,13 +127,14 @@ class OptimConfig:
     max_steps: int = 500
     # Clip the global gradient norm (0 disables).
     grad_clip: float = 1.0
-    # Mixed precision: "none", "bf16" (Ampere+ GPUs; CPUs with AMX) or "fp16" (GPU only).
-    # On a CPU with AMX (Intel Sapphire Rapids and later) bf16 with channels_last makes a
-    # training step 1.65-2.0x faster (benchmarks/results/cpu_step.md), with the same CamVid
-    # quality over 12 seeds (mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear probe 31.4
-    # +- 4.6 vs 31.5 +- 4.1; the losses always run in float32). On a CPU without AMX bf16
-    # is slower than float32, down to 14x on AVX2 (a warning says so).
-    # "none" by default: float32 runs give the same numbers on every machine.
+    # Mixed precision: "none", "bf16" (Ampere+ GPUs; CPUs with AMX or AVX512-BF16) or
+    # "fp16" (GPU only). On a CPU with bf16 instructions, bf16 with channels_last makes a
+    # training step 1.65-2.0x faster: AMX (Intel Sapphire Rapids and later) and AVX512-BF16
+    # (AMD Zen 4, Intel Cooper Lake) alike (benchmarks/results/cpu_step.md), with the same
+    # CamVid quality over 12 seeds (mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear
+    # probe 31.4 +- 4.6 vs 31.5 +- 4.1; the losses always run in float32). On a CPU with
+    # neither, bf16 is emulated and slower than float32, down to 14x on AVX2 (a warning
+    # says so). "none" by default: float32 runs give the same numbers on every machine.
     precision: str = "none"
     # torch.compile the model (inductor) for the training step; evaluation and checkpoints
     # use the plain module. Meant for long GPU runs (not yet measured on a GPU). On CPU it
@@ -142,8 +143,9 @@ class OptimConfig:
     # matmuls that make up the step run in the same oneDNN kernels either way.
     compile: bool = False
     # Store conv weights and feed images in channels_last (NHWC) memory format: faster
-    # convolutions on tensor-core GPUs and on AMX CPUs, with bf16 (on this project's AMX
-    # Xeon: +7-12% on a bf16 step, nothing in float32). It changes nothing numerically.
+    # convolutions on tensor-core GPUs and on CPUs with bf16 instructions, with bf16 (a
+    # bf16 step +7-12% on an AMX Xeon, +5-14% on an AVX512-BF16 EPYC; nothing in float32).
+    # It changes nothing numerically.
     channels_last: bool = False
     # Precision of the gradients DDP all-reduces between workers (two or more workers;
     # one worker has no all-reduce): "fp32", "bf16" or "fp16". bf16/fp16 halve the bytes

@@ -93,19 +93,29 @@ def autocast(device: torch.device, precision: str):
 # amortise. Measured on an AMX-BF16 Xeon (forward + backward, 32 images x 3 heads of 64,
 # 2 threads): flash 4.4 / 14.4 / 29.7 / 27.3 ms, the plain matmul-softmax ("math") kernel
 # 1.0 / 4.3 / 16.9 / 33.2 ms at 17 / 65 / 145 / 197 tokens; the same crossover at 8 and
-# 128 images and at 1 thread. In float32, and in any evaluation forward, flash is faster.
+# 128 images and at 1 thread, and on an AVX512-BF16 EPYC (flash 5.5 / 16.4 / 41.6 / 44.8
+# ms, math 1.2 / 5.7 / 25.7 / 46.8). In float32, and in any evaluation forward, flash is
+# faster.
 CPU_BF16_MATH_ATTENTION_MAX_TOKENS = 160
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later).
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AMX tiles (Intel Sapphire Rapids and
+    later) or AVX512-BF16 (Intel Cooper Lake, AMD Zen 4 and later).
 
-    Only with AMX does bf16 beat float32 on a CPU. Measured training steps (default.yaml,
-    oneDNN limited to each instruction set on an AMX Xeon), bf16 over float32: 1.7x with
-    AMX, 0.87x with AVX512-BF16 alone, 0.42x with AVX512, 0.07x with AVX2.
+    Where it does, bf16 beats float32: default.yaml's training step 1.7x with AMX (a
+    Xeon), 1.6-1.8x with AVX512-BF16 (an AMD EPYC, where a bf16 matmul runs 2.3x float32's
+    rate). Where it does not, oneDNN emulates bf16 and the step is slower than in float32:
+    0.42x with AVX512, 0.07x with AVX2 (that Xeon with oneDNN limited to each instruction
+    set; limited to AVX512-BF16 it gave 0.87x, which the EPYC's real AVX512-BF16 does not
+    bear out). Unknown (a torch without these probes) counts as native: no warning.
     """
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private since torch 2.2
-    return True if probe is None else bool(probe())
+    # Both probes are private, in torch since 2.2.
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if amx is None or avx512_bf16 is None:
+        return True
+    return bool(amx()) or bool(avx512_bf16())
 
 
 def uses_math_attention(model: nn.Module, device: torch.device, precision: str) -> bool:
@@ -186,10 +196,11 @@ class Trainer:
         self.loss_fn = SANLoss(cfg.loss)
         self.optimizer = build_optimizer(model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        if device.type == "cpu" and cfg.optim.precision == "bf16" and not cpu_has_amx():
+        if device.type == "cpu" and cfg.optim.precision == "bf16" and not cpu_has_native_bf16():
             log.warning(
-                "optim.precision=bf16 on a CPU without AMX: bf16 is emulated here and slower "
-                "than float32 (0.07-0.87x, by instruction set); use optim.precision=none"
+                "optim.precision=bf16 on a CPU without bf16 instructions (AMX or AVX512-BF16): "
+                "bf16 is emulated here and slower than float32 (0.07-0.42x, by instruction "
+                "set); use optim.precision=none"
             )
         self.math_attention = uses_math_attention(model, device, cfg.optim.precision)
         compressed = compress_gradient_allreduce(model, cfg.optim.grad_allreduce)
