@@ -131,8 +131,9 @@ class OptimConfig:
     # "fp16" (GPU only). On a CPU with bf16 instructions, bf16 with channels_last makes a
     # training step 1.65-2.0x faster: AMX (Intel Sapphire Rapids and later) and AVX512-BF16
     # (AMD Zen 4, Intel Cooper Lake) alike (benchmarks/results/cpu_step.md), with the same
-    # CamVid quality over 12 seeds (mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear
-    # probe 31.4 +- 4.6 vs 31.5 +- 4.1; the losses always run in float32). On a CPU with
+    # CamVid quality (AMX, 12 seeds: mIoU 19.2 +- 3.0 vs 19.1 +- 2.9 in float32, linear
+    # probe 31.4 +- 4.6 vs 31.5 +- 4.1; AVX512-BF16, 6 seeds: paired mIoU -0.3 +- 1.3;
+    # results/quality_bf16_cpu.md; the losses always run in float32). On a CPU with
     # neither, bf16 is emulated and slower than float32, down to 14x on AVX2 (a warning
     # says so). "none" by default: float32 runs give the same numbers on every machine.
     precision: str = "none"
