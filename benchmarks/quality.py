@@ -51,7 +51,10 @@ def run_one(method: str, k: int, seed: int, args, parent_run_id: str) -> dict:
         f"run.checkpoint_every={args.steps}",
         f"run.name=quality-{method}-k{k}-s{seed}-{args.steps}st-{args.image_size}px",
         "run.experiment=san-quality",
-        f"run.storage={args.storage}",
+        # Each invocation checkpoints under its own MLflow parent run id: with one shared
+        # folder a rerun (after a code change, or with other overrides) would resume the
+        # earlier runs at their last step and report their models as its own.
+        f"run.storage={args.storage}/{parent_run_id}",
         "run.n_viz_images=4",
         f"data.root={CAMVID}",
         *args.overrides,
@@ -114,7 +117,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--storage", default="outputs/bench")
+    parser.add_argument(
+        "--storage", default="outputs/bench", help="checkpoints go to STORAGE/<parent run id>/"
+    )
     parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results"), help="folder for quality.md"
     )
