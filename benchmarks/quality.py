@@ -40,6 +40,7 @@ def run_one(method: str, k: int, seed: int, args, parent_run_id: str) -> dict:
     from pipelines import tracking
     from pipelines.train import train
     from san.config import load_config
+    from san.storage import join
 
     overrides = [
         f"model.name={method}",
@@ -54,7 +55,7 @@ def run_one(method: str, k: int, seed: int, args, parent_run_id: str) -> dict:
         # Each invocation checkpoints under its own MLflow parent run id: with one shared
         # folder a rerun (after a code change, or with other overrides) would resume the
         # earlier runs at their last step and report their models as its own.
-        f"run.storage={args.storage}/{parent_run_id}",
+        f"run.storage={join(args.storage, parent_run_id)}",
         "run.n_viz_images=4",
         f"data.root={CAMVID}",
         *args.overrides,
