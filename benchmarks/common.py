@@ -356,8 +356,9 @@ def ray_timed_worker(loop_config: dict) -> None:
         every_rank: list = [None] * world
         torch.distributed.all_gather_object(every_rank, result["step_s"])
         result["step_s_by_rank"] = every_rank
-        result["allreduce_s"] = allreduce_time(trainer.model)
-        result["allreduce_s_bf16"] = allreduce_time(trainer.model, torch.bfloat16)
+        if loop_config["ddp"]:  # the independent-models fit's all-reduce times go unread
+            result["allreduce_s"] = allreduce_time(trainer.model)
+            result["allreduce_s_bf16"] = allreduce_time(trainer.model, torch.bfloat16)
     if rank == 0:
         Path(loop_config["out_file"]).write_text(json.dumps(result))
     ray.train.report({"steps_per_s": result["steps_per_s"]})

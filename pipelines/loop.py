@@ -288,8 +288,9 @@ def train_loop(loop_config: dict) -> None:
         if rank == 0:
             log.info("using %s from storage: newer than any checkpoint Ray registered", found[0])
     elif registered is not None:
-        with registered.as_directory() as directory:
-            state, _ = storage.load_checkpoint(directory)
+        # Read in place, as the search above does, not through Ray's as_directory: that
+        # copies it to local disk first, and leaves a folder in /tmp when the copy fails.
+        state, _ = storage.load_checkpoint(storage.join(storage_url, newer_than))
     if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0
