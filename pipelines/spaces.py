@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from san.config import ConfigError, from_dict
+from san.config import Config, ConfigError, from_dict
 
 KINDS = ("choice", "uniform", "loguniform", "randint", "grid")
 ALGORITHMS = ("random", "optuna")
@@ -239,6 +239,22 @@ def check_against_config(space: Space, values: dict[str, Any]) -> None:
             from_dict(apply_values(values, overrides))
         except ConfigError as exc:
             raise _fail(space.path, entry, str(exc)) from None
+
+
+def check_models(space: Space, cfg: Config) -> None:
+    """Every model a trial can build, built on the meta device before Ray starts: a timm
+    name or stride that `from_dict` cannot judge fails here in one line, not in each trial.
+    """
+    from san.models import check_model_config  # imports timm: only the sweep's driver
+
+    check_model_config(cfg)
+    values = cfg.to_dict()
+    for entry, overrides in [c for p in space.params for c in _candidates(p)]:
+        if any(str(key).startswith("model.") for key in overrides):
+            try:
+                check_model_config(from_dict(apply_values(values, overrides)))
+            except ConfigError as exc:
+                raise _fail(space.path, entry, str(exc)) from None
 
 
 def load_space(path: str | Path) -> Space:

@@ -224,7 +224,12 @@ def train(cfg: Config) -> dict:
     """Wire storage, Ray, MLflow and the per-worker loop; return the result summary."""
     from pipelines import tracking
 
+    # Imports timm (1.7 s): a model name timm does not know then fails here in one line,
+    # not in every worker after run.max_failures restarts (a minute of Ray, then a traceback).
+    from san.models import check_model_config
+
     storage = resolve_storage(cfg.run.storage)
+    check_model_config(cfg)
     preflight_data(cfg)
     check_services(cfg)
     check_resume_compatible(cfg, storage)

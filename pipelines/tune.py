@@ -46,6 +46,7 @@ from pipelines.spaces import (  # noqa: E402
     Space,
     apply_values,
     check_against_config,
+    check_models,
     load_space,
     trial_overrides,
 )
@@ -65,7 +66,9 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
     base = load_config(path or CONFIG_DIR / "default.yaml")
     values = apply_values(base.to_dict(), space.config)
     check_against_config(space, values)  # the space's own entries, one line on failure
-    return from_dict(apply_overrides(values, overrides))
+    cfg = from_dict(apply_overrides(values, overrides))
+    check_models(space, cfg)
+    return cfg
 
 
 def sweep_name(space: Space, cfg: Config) -> str:

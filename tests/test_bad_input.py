@@ -82,8 +82,24 @@ def train_args(env: dict, *overrides: str) -> list[str]:
         ("model.n_clusters=1", "model.n_clusters=1 is out of range; allowed: >= 2"),
         ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
         ("loss.w_rec=-0.5", "loss.w_rec=-0.5 is out of range; allowed: >= 0"),
+        # Judged by building the model on the meta device, before Ray starts: these used
+        # to fail in each worker, after run.max_failures restarts, with a traceback.
+        ("model.encoder=resnet10", "model.encoder='resnet10' is not a timm model"),
+        ("model.vit=vit_tiny", "model.vit='vit_tiny' is not a timm model"),
+        ("model.encoder=vit_tiny_patch16_224", "has no feature level at stride 8"),
+        ("model.vit=resnet18", "vit='resnet18', stride=8) cannot be built: TypeError"),
     ],
-    ids=["unknown-key", "wrong-type", "K<2", "tau<=0", "negative-weight"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "K<2",
+        "tau<=0",
+        "negative-weight",
+        "unknown-encoder",
+        "unknown-vit",
+        "encoder-without-stride",
+        "vit-not-a-vit",
+    ],
 )
 def test_bad_config_value(clean_env, monkeypatch, capsys, override, expected):
     code, err = run_inprocess("train", train_args(clean_env, override), monkeypatch, capsys)

@@ -92,6 +92,8 @@ def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
             "search: {algorithm: optuna}\nparams: {model.tau: {grid: [0.1, 0.2]}}",
             "params.model.tau",
         ),
+        # valid as a config value; only building the model shows timm has no such name
+        ("params: {model.encoder: {choice: [resnet10t, resnet1t]}}", "params.model.encoder"),
     ],
 )
 def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry: str) -> None:

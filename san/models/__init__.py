@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
-from san.config import Config, ModelConfig
+from san.config import Config, ConfigError, ModelConfig
 from san.models.san import IIC, SAN, KMeansEmbeddings, SegmentationModel
 
 MODELS: dict[str, Callable[..., SegmentationModel]] = {
@@ -35,8 +38,50 @@ def create_model(cfg: Config | ModelConfig, image_size: int | None = None) -> Se
     return MODELS[model_cfg.name](model_cfg, image_size)
 
 
+def check_model_config(cfg: Config) -> None:
+    """Raise a one-line ConfigError if `cfg`'s model cannot be built.
+
+    `san.config` checks types and ranges without importing timm (1.7 s); this catches the
+    rest before any worker starts: a name timm does not know, a CNN with no feature level
+    at `model.stride`, a `model.vit` that is not a ViT. The model is built on the meta
+    device (0.05 s, no memory). `model.vit_weights` is not read: the file has to exist
+    where the workers run, which need not be here.
+    """
+    import timm
+
+    for field in ("encoder", "vit"):
+        name = getattr(cfg.model, field)
+        if not timm.is_model(name):
+            near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.7)
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(
+                f"model.{field}={name!r} is not a timm model: use a name from "
+                f"timm.list_models(){hint}"
+            )
+    model_cfg = dataclasses.replace(cfg.model, vit_weights=None)
+    try:
+        with torch.device("meta"):
+            create_model(dataclasses.replace(cfg, model=model_cfg))
+    except Exception as exc:  # noqa: BLE001 - timm and torch raise many types
+        message = " ".join(str(exc).split())
+        if isinstance(exc, ValueError) and message.startswith("model."):
+            raise ConfigError(message) from None  # ours: it names the field already
+        raise ConfigError(
+            f"model settings (encoder={model_cfg.encoder!r}, vit={model_cfg.vit!r}, "
+            f"stride={model_cfg.stride}) cannot be built: {type(exc).__name__}: {message}"
+        ) from None
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "SAN", "IIC", "KMeansEmbeddings", "SegmentationModel", "create_model"]
+__all__ = [
+    "MODELS",
+    "SAN",
+    "IIC",
+    "KMeansEmbeddings",
+    "SegmentationModel",
+    "check_model_config",
+    "create_model",
+]
