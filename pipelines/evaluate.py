@@ -93,10 +93,16 @@ def register(model, run_id: str, name: str, alias: str) -> dict:
 def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, alias: str) -> dict:
     from pipelines import tracking
     from pipelines.loop import run_evaluation
+    from san.data import DataError
 
     model, cfg, state = load_model(checkpoint, overrides)
     step = int(state.get("step", 0))
-    evaluation = run_evaluation(model, cfg, next(model.parameters()).device)
+    try:  # the data the checkpoint names (data.root may be relative to where it trained)
+        evaluation = run_evaluation(model, cfg, next(model.parameters()).device)
+    except DataError as exc:
+        raise UserError(
+            f"{exc}; pass data.root=... (and data.dataset=...) to evaluate on other data"
+        ) from None
     if not evaluation.metrics:
         raise UserError(f"no labelled pixels in {cfg.data.dataset} split {cfg.data.val_split!r}")
     run_id = target_run(state, checkpoint, cfg)

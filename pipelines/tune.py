@@ -411,10 +411,12 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
     from ray import tune
 
     from pipelines import tracking
+    from pipelines.train import preflight_data
 
     started = time.perf_counter()
     storage = resolve_storage(cfg.run.storage)
     name = sweep_name(space, cfg)
+    preflight_data(cfg)  # else a missing folder fails in every trial, after Ray's restarts
     check_services(cfg)
     filesystem, exp_path = experiment_location(storage, name)
     exists = filesystem.get_file_info(exp_path).type != pafs.FileType.NotFound

@@ -151,6 +151,21 @@ def test_bad_data(clean_env, tmp_path, monkeypatch, capsys, damage, expected):
     assert not clean_env["storage"].exists()  # data is checked before storage is touched
 
 
+def test_sweep_checks_its_data_before_ray(clean_env, tmp_path, monkeypatch, capsys):
+    """Once, in the sweep's driver: before, every trial met the missing folder in its
+    workers and failed after Ray's restarts (2 minutes and a dozen tracebacks)."""
+    import ray
+
+    space = str(ROOT / "tune_spaces" / "quick.yaml")
+    args = ["--space", space, f"run.storage={clean_env['storage']}", "data.dataset=folder"]
+    code, err = run_inprocess(
+        "tune", [*args, f"data.root={tmp_path / 'nope'}"], monkeypatch, capsys
+    )
+    assert_one_line_error(code, err, "image folder", "nope/train/images' not found")
+    assert not ray.is_initialized()
+    assert not clean_env["storage"].exists() and not clean_env["db"].exists()
+
+
 def test_bad_sample_met_while_streaming_is_skipped_with_a_count(tmp_path, caplog):
     """A corrupt file the pre-flight did not sample is skipped by training, not fatal."""
     from san.data import DataError, FolderDataset, SkipBad
@@ -278,6 +293,7 @@ def _corrupt_state(path: Path, good: Path) -> str:
         ("corrupt", "is corrupt: state.pt does not match its sha256"),
         ("other-K", "does not fit the config (model.n_clusters=6"),
         ("other-D", "does not fit the config (model.n_clusters=4, model.embed_dim=48"),
+        ("missing-data", "nowhere/val/images' not found; expected <root>/<split>/images/"),
     ],
 )
 def test_evaluate_bad_checkpoint(
@@ -295,6 +311,8 @@ def test_evaluate_bad_checkpoint(
         overrides = ["model.n_clusters=6"]
     elif kind == "other-D":
         overrides = ["model.embed_dim=48"]
+    elif kind == "missing-data":  # was a traceback
+        overrides = ["data.dataset=folder", f"data.root={tmp_path / 'nowhere'}"]
     code, err = run_inprocess("evaluate", ["--checkpoint", uri, *overrides], monkeypatch, capsys)
     assert_one_line_error(code, err, expected)
     assert not clean_env["db"].exists()
