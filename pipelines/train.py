@@ -143,7 +143,11 @@ def use_gpu(cfg: Config) -> bool:
     import ray
 
     if cfg.run.use_gpu == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
+        gpus = ray.cluster_resources().get("GPU", 0)
+        # Said, because an autoscaling cluster's GPU nodes may be down right now.
+        log.info("run.use_gpu=auto: the cluster has %g GPUs now: %s workers", gpus,
+                 "GPU" if gpus else "CPU")  # fmt: skip
+        return gpus > 0
     return cfg.run.use_gpu == "true"
 
 

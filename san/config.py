@@ -174,7 +174,9 @@ class RunConfig:
     seed: int = 0
     # Ray Train workers (one per GPU; CPU workers where there is none).
     num_workers: int = 1
-    # "auto" uses GPUs when the cluster has them; "true"/"false" force it.
+    # "auto" uses GPUs when the cluster has them at the job's start; "true"/"false" force
+    # it. On an autoscaling cluster whose GPU nodes may be down at that moment (min
+    # workers 0, pods still starting) pass "true", or "auto" trains on CPU workers.
     use_gpu: str = "auto"
     # CPUs reserved per worker; torch computes with this many threads (pipelines/loop.py).
     # On CPU workers, reserve the cores the step should use, but note that where the
