@@ -33,7 +33,13 @@ from san.data import (
 )
 from san.data.transforms import denormalize
 from san.engine import Trainer, apply_memory_format, evaluate, seed_everything
-from san.metrics import linear_probe, random_assignment_scores, scalar_metrics, segmentation_scores
+from san.metrics import (
+    hungarian_match,
+    linear_probe,
+    random_assignment_scores,
+    scalar_metrics,
+    segmentation_scores,
+)
 from san.viz import confusion_plot, overlay_panel
 
 log = logging.getLogger("san")
@@ -166,6 +172,11 @@ def run_evaluation(
         return Evaluation()
     scores = segmentation_scores(matrix, class_names=source.class_names)
     metrics = scalar_metrics(scores)
+    # The protocol's many-to-one matching (K > classes) scores higher the more clusters
+    # there are, so its miou cannot compare runs of different K; one-to-one can (clusters
+    # left unmatched count as misses). Equal to miou when K <= classes.
+    one_to_one = segmentation_scores(matrix, mapping=hungarian_match(matrix))
+    metrics["miou_one_to_one"] = one_to_one["miou"]
     floor = random_assignment_scores(matrix, model.n_clusters, seed=cfg.run.seed)
     metrics["random_miou"] = floor["miou"]
     metrics["random_pixel_accuracy"] = floor["pixel_accuracy"]

@@ -93,6 +93,18 @@ class Space:
     base_config: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def searches_cluster_count(self) -> bool:
+        """True when trials can differ in model.n_clusters (a searched key or a group's)."""
+        for param in self.params:
+            if param.key == "model.n_clusters":
+                return True
+            if (
+                param.is_group
+                and len({str(v.get("model.n_clusters")) for v in param.variants.values()}) > 1
+            ):
+                return True
+        return False
+
     def summary(self) -> dict[str, str]:
         """Everything that defines the sweep, flat, for the parent run's params."""
         out = {

@@ -68,6 +68,12 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
     check_against_config(space, values)  # the space's own entries, one line on failure
     cfg = from_dict(apply_overrides(values, overrides))
     check_models(space, cfg)
+    if space.metric in ("miou", "pixel_accuracy") and space.searches_cluster_count():
+        log.warning(
+            "the space searches model.n_clusters with metric %s, whose many-to-one matching "
+            "(K > classes) scores more clusters higher; metric: miou_one_to_one compares K",
+            space.metric,
+        )
     return cfg
 
 

@@ -40,3 +40,19 @@ def test_san_beats_random_assignment_on_synthetic():
     trained, floor = metrics["miou"], metrics["random_miou"]
     assert trained > floor + 0.04, f"SAN mIoU {trained:.3f} vs random-assignment {floor:.3f}"
     assert metrics["pixel_accuracy"] > metrics["random_pixel_accuracy"] + 0.08, metrics
+
+
+def test_one_to_one_miou_compares_cluster_counts():
+    """`miou_one_to_one`, what sweeps over K compare, equals `miou` when K <= classes and
+    is never above it when over-clustering, whose many-to-one matching gives every cluster
+    a class."""
+    scores = {}
+    for k in (4, 16):  # 4 classes
+        cfg = load_config(TINY, [f"model.n_clusters={k}", "run.probe_steps=0"])
+        seed_everything(0)
+        model = create_model(cfg)
+        scores[k] = run_evaluation(model, cfg, torch.device("cpu"), pictures=False).metrics
+    assert scores[4]["miou_one_to_one"] == scores[4]["miou"]
+    # Untrained, the model uses few of its 16 clusters, so the two may tie; with K > C the
+    # one-to-one matching can only leave pixels unmatched (tests/test_metrics.py).
+    assert 0 < scores[16]["miou_one_to_one"] <= scores[16]["miou"]

@@ -138,3 +138,17 @@ def test_local_concurrency_is_capped_to_what_fits() -> None:
     assert concurrency_that_fits(space, cfg, cluster_cpus=3) == 1
     with pytest.raises(UserError, match=r"one trial needs 2 CPUs .* the local Ray has 1;"):
         concurrency_that_fits(space, cfg, cluster_cpus=1)
+
+
+def test_searching_k_on_many_to_one_miou_is_warned_about(tmp_path: Path, caplog) -> None:
+    base = "base_config: pipelines/configs/tiny.yaml\n"
+    cases = {
+        "params: {model.n_clusters: {choice: [4, 8]}}": True,
+        "params: {g: {grid: {a: {model.n_clusters: 4}, b: {model.n_clusters: 8}}}}": True,
+        "params: {g: {grid: {a: {model.tau: 0.1}, b: {model.tau: 0.2}}}}": False,
+        "params: {model.n_clusters: {choice: [4, 8]}}\nmetric: miou_one_to_one": False,
+    }
+    for text, warned in cases.items():
+        caplog.clear()
+        sweep_config(load_space(write(tmp_path, base + text)), None, [])
+        assert ("miou_one_to_one compares K" in caplog.text) == warned, text

@@ -145,6 +145,7 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
         space["search"]["num_samples"] = 2  # x 2 grid points = 4 trials
 
     space = space_file(tmp_path, "asha", edit)
+    metric = yaml.safe_load(space.read_text())["metric"]  # miou_one_to_one: K is searched
     started = time.perf_counter()
     proc = subprocess.run(
         sweep_cmd(space, tmp_path, f"run.storage={tmp_path / 'ray'}"),
@@ -174,8 +175,8 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
     histories = {}
     for kid in kids:
         assert "model.tau" in kid.data.params and "optim.lr" in kid.data.params
-        histories[kid.info.run_id] = client.get_metric_history(kid.info.run_id, "miou")
-        assert histories[kid.info.run_id], f"child {kid.info.run_id} has no miou history"
+        histories[kid.info.run_id] = client.get_metric_history(kid.info.run_id, metric)
+        assert histories[kid.info.run_id], f"child {kid.info.run_id} has no {metric} history"
         assert kid.data.tags["stop_reason"] in ("completed", "early_stopped_asha")
         assert kid.data.tags["checkpoint_uri"]
     stopped = [k for k in kids if k.data.tags["stop_reason"] == "early_stopped_asha"]
@@ -188,9 +189,9 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
     assert result["trial_steps_run"] < result["trial_steps_full"]
 
     # The printed best is the best child in MLflow, with the same settings.
-    best_value = max(k.data.metrics["miou"] for k in kids)
+    best_value = max(k.data.metrics[metric] for k in kids)
     best = client.get_run(result["best_child_run_id"])
-    assert best.data.metrics["miou"] == pytest.approx(best_value)
+    assert best.data.metrics[metric] == pytest.approx(best_value)
     assert result["best_metric"] == pytest.approx(best_value)
     assert float(best.data.params["model.tau"]) == pytest.approx(result["best_config"]["model.tau"])
     assert float(best.data.params["optim.lr"]) == pytest.approx(result["best_config"]["optim.lr"])
