@@ -78,6 +78,19 @@ def one_line(text: object, limit: int | None = None) -> str:
     return " ".join(str(text).split())[:limit]
 
 
+def progress(done: int, total: int, seconds_per_item: float, width: int = 20) -> str:
+    """`[########------------] 40% eta 0:01:32`, for the end of a log line.
+
+    A bar redrawn in place (carriage return) would print a line per redraw once Ray
+    streams a worker's output, or in a job's logs, so the bar is part of each line.
+    """
+    fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 1.0
+    filled = round(fraction * width)
+    eta = round(max(total - done, 0) * max(seconds_per_item, 0.0))
+    clock = f"{eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+    return f"[{'#' * filled}{'-' * (width - filled)}] {fraction:4.0%} eta {clock}"
+
+
 def setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr

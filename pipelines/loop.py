@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from pipelines.common import progress
 from san import storage
 from san.config import Config, from_dict
 from san.data import (
@@ -345,6 +346,7 @@ def train_loop(loop_config: dict) -> None:
     try:
         batches = iter(loader)
         images_seen, window_start = 0, time.perf_counter()
+        loop_start = window_start  # the ETA counts evaluations and checkpoints too
         bad_skipped: dict[int, int] = {}  # reader (loader worker) -> its running count
         step = start_step
         while step < cfg.optim.max_steps:
@@ -363,14 +365,16 @@ def train_loop(loop_config: dict) -> None:
                     terms = " ".join(
                         f"{k[5:]} {v:.4f}" for k, v in losses.items() if k[:5] == "loss_"
                     )
+                    per_step = (time.perf_counter() - loop_start) / (step - start_step)
                     log.info(
-                        "step %d/%d loss %.4f (%s) | %.1f img/s | lr %.2e",
+                        "step %d/%d loss %.4f (%s) | %.1f img/s | lr %.2e | %s",
                         step,
                         cfg.optim.max_steps,
                         losses["loss"],
                         terms,
                         throughput,
                         losses["lr"],
+                        progress(step, cfg.optim.max_steps, per_step),
                     )
                     if logger:
                         logger.metrics(losses, step)

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.common import UserError, print_result, run_main  # noqa: E402
+from pipelines.common import UserError, print_result, progress, run_main  # noqa: E402
 from san.config import DataConfig  # noqa: E402
 from san.data import DataError, create_dataset  # noqa: E402
 from san.data.layout import fingerprint  # noqa: E402
@@ -157,7 +157,8 @@ def records(source: Any, on_bad: str, skipped: list[dict]) -> Iterator[dict]:
             continue
         if (index + 1) % PROGRESS_EVERY == 0:
             rate = (index + 1) / max(time.perf_counter() - start, 1e-9)
-            log.info("%d/%d images (%.0f/s)", index + 1, len(source), rate)
+            bar = progress(index + 1, len(source), 1 / rate)
+            log.info("%d/%d images (%.0f/s) %s", index + 1, len(source), rate, bar)
         yield record
 
 
