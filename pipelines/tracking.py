@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import DEFAULT_TRACKING_DIR, STOPPED_BY_SCHEDULER, tracking_uri
+from pipelines.common import STOPPED_BY_SCHEDULER, tracking_uri
 from san.config import Config
 
 log = logging.getLogger("san")
@@ -32,17 +32,26 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri())
 
 
+def sqlite_artifact_root(uri: str) -> str | None:
+    """`mlartifacts/` beside a SQLite tracking database, as a file URI; None otherwise
+    (a server decides its own). MLflow's default would be ./mlruns of whichever
+    directory the process runs in."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    database = Path(uri[len("sqlite:///") :])  # sqlite:////abs/db -> /abs/db
+    return (database.parent / "mlartifacts").resolve().as_uri()
+
+
 def experiment_id(name: str) -> str:
     """The experiment's id, creating it (with a local artifact root for local SQLite)."""
     mlflow_client = client()
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if tracking_uri().startswith("sqlite:"):
-        artifact_location = (DEFAULT_TRACKING_DIR / "mlartifacts").resolve().as_uri()
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+        return mlflow_client.create_experiment(
+            name, artifact_location=sqlite_artifact_root(tracking_uri())
+        )
     except mlflow.exceptions.MlflowException:  # created concurrently by another driver
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
