@@ -386,6 +386,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 return int(value)
             except ValueError:
                 pass
+            try:  # 1e3: YAML 1.1 reads exponents without a dot as strings
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
         raise ConfigError(f"{key}={value!r} has the wrong type; expected an int")
     if annotation is float:
         if isinstance(value, bool):
@@ -399,7 +406,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 pass
         raise ConfigError(f"{key}={value!r} has the wrong type; expected a number")
     if annotation is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML reads true/false (also yes/no, on/off) as bools
+            return "true" if value else "false"
+        if isinstance(value, str | int | float):
             return str(value)
         raise ConfigError(f"{key}={value!r} has the wrong type; expected a string")
     raise ConfigError(f"{key}: unsupported field type {annotation!r}")  # pragma: no cover

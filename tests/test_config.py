@@ -26,6 +26,10 @@ def test_overrides_are_typed():
     assert cfg.optim.compile is True
     assert cfg.model.vit_depth is None
     assert cfg.optim.precision == "none"  # the string "none" is a value, not null
+    # YAML reads true/yes as a bool and 1e3 as a string; both mean what they say
+    cfg = load_config(CONFIGS / "tiny.yaml", ["run.use_gpu=true", "optim.max_steps=1e3"])
+    assert cfg.run.use_gpu == "true" and cfg.optim.max_steps == 1000
+    assert load_config(CONFIGS / "tiny.yaml", ["run.use_gpu=no"]).run.use_gpu == "false"
 
 
 @pytest.mark.parametrize(
@@ -34,6 +38,7 @@ def test_overrides_are_typed():
         ("model.n_cluster=3", "unknown config key 'model.n_cluster'"),
         ("modle.tau=0.1", "unknown config section 'modle'"),
         ("model.n_clusters=abc", "model.n_clusters='abc' has the wrong type; expected an int"),
+        ("optim.max_steps=1.5e2", "optim.max_steps='1.5e2' has the wrong type; expected an int"),
         ("model.n_clusters=1", "model.n_clusters=1 is out of range; allowed: >= 2"),
         ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
         ("loss.w_rec=-1", "loss.w_rec=-1.0 is out of range; allowed: >= 0"),

@@ -131,6 +131,56 @@ def test_entrypoints_name_existing_files() -> None:
         assert (ROOT / script).is_file(), f"deploy/README.md runs {script}, which does not exist"
 
 
+def documented_commands() -> list[tuple[str, str, list[str]]]:
+    """(where, script, arguments) of every train.py / tune.py command in README.md's and
+    deploy/README.md's bash blocks and in the RayJob entrypoints."""
+    texts = {p: (ROOT / p).read_text() for p in ("README.md", "deploy/README.md")}
+    commands = []
+    for where, text in texts.items():
+        for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+            commands += [(where, line) for line in block.replace("\\\n", " ").splitlines()]
+    for path in KUBERAY.glob("rayjob-*.yaml"):
+        (doc,) = load_all(path)
+        commands.append((path.name, doc["spec"]["entrypoint"]))
+    found = []
+    for where, line in commands:
+        words = shlex.split(line, comments=True)
+        for script in ("pipelines/train.py", "pipelines/tune.py"):
+            if script in words:
+                found.append((where, script, words[words.index(script) + 1 :]))
+    return found
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def test_documentation_shows_training_and_sweep_commands() -> None:
+    scripts = [script for _, script, _ in documented_commands()]
+    assert scripts.count("pipelines/train.py") >= 8 and scripts.count("pipelines/tune.py") >= 3
+
+
+@pytest.mark.parametrize(
+    ("where", "script", "args"),
+    documented_commands(),
+    ids=lambda v: v if isinstance(v, str) and v.endswith((".md", ".yaml")) else "",
+)
+def test_documented_commands_make_valid_configs(where: str, script: str, args: list) -> None:
+    """Each documented training or sweep command's config, overrides and space load: a
+    `run.use_gpu=true`, which YAML reads as a bool, once failed every GPU command here."""
+    from pipelines.spaces import load_space
+    from pipelines.tune import sweep_config
+    from san.config import load_config
+
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    config = flag_value(args, "--config")
+    if script.endswith("tune.py"):
+        space = load_space(ROOT / flag_value(args, "--space"))
+        sweep_config(space, config and str(ROOT / config), overrides)
+    else:
+        load_config(ROOT / (config or "pipelines/configs/default.yaml"), overrides)
+
+
 def test_env_vars_are_the_ones_the_code_reads() -> None:
     """Manifests set only FORWARDED_ENV (+ Ray's own); the code reads nothing beyond it."""
     storage_reads = environ_reads(ROOT / "san" / "storage.py")
