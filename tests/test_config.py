@@ -38,7 +38,7 @@ def test_overrides_are_typed():
         ("model.n_cluster=3", "unknown config key 'model.n_cluster'"),
         ("modle.tau=0.1", "unknown config section 'modle'"),
         ("model.n_clusters=abc", "model.n_clusters='abc' has the wrong type; expected an int"),
-        ("optim.max_steps=1.5e2", "optim.max_steps='1.5e2' has the wrong type; expected an int"),
+        ("optim.max_steps=2.5e0", "optim.max_steps='2.5e0' has the wrong type; expected an int"),
         ("model.n_clusters=1", "model.n_clusters=1 is out of range; allowed: >= 2"),
         ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
         ("loss.w_rec=-1", "loss.w_rec=-1.0 is out of range; allowed: >= 0"),
