@@ -139,6 +139,29 @@ def failure_cause(exc: BaseException) -> str:
     return one_line(lines[-1] if lines else type(inner).__name__, 400)
 
 
+def check_fits_local_ray(cfg: Config) -> None:
+    """On a local Ray (no RAY_ADDRESS), which cannot grow, a worker group that does not fit
+    would wait forever, Ray Train retrying its start every 60 s: say so in one line. A
+    cluster may autoscale, so it is left to Ray."""
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        return
+    have = ray.cluster_resources()
+    run = cfg.run
+    need = run.num_workers * run.cpus_per_worker
+    if need > have.get("CPU", 0):
+        raise UserError(
+            f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker} "
+            f"need {need} CPUs but the local Ray has {have.get('CPU', 0):g}; lower them"
+        )
+    if run.use_gpu == "true" and have.get("GPU", 0) < run.num_workers:
+        raise UserError(
+            f"run.use_gpu=true with run.num_workers={run.num_workers} needs a GPU per worker "
+            f"but the local Ray has {have.get('GPU', 0):g}; use run.use_gpu=auto"
+        )
+
+
 def use_gpu(cfg: Config) -> bool:
     import ray
 
@@ -238,6 +261,7 @@ def train(cfg: Config) -> dict:
     check_services(cfg)
     check_resume_compatible(cfg, storage)
     init_ray()
+    check_fits_local_ray(cfg)
     run_id, resumed = tracking.start_run(cfg, storage)
     log.info(
         "%s MLflow run %s; checkpoints under %s/%s",

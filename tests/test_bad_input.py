@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sample_data import write_folder
 from services import S3Server, free_port
 
@@ -24,6 +25,7 @@ from san.data import encode_png
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "pipelines" / "configs" / "tiny.yaml")
 RUN = "bad-input"
+HAS_GPU = torch.cuda.is_available()
 
 
 @pytest.fixture
@@ -326,8 +328,19 @@ def test_evaluate_bad_checkpoint(
     [
         (["model.n_clusters=1"], "model.n_clusters=1 is out of range"),
         (["data.dataset=folder", "data.root=/no/such/folder"], "not found"),
+        # a local Ray cannot grow: these waited forever for their workers (Ray Train
+        # retrying every 60 s)
+        (
+            [f"run.num_workers={os.cpu_count()}", "run.cpus_per_worker=2"],
+            f"need {2 * os.cpu_count()} CPUs but the local Ray has",
+        ),
+        pytest.param(
+            ["run.use_gpu=true"],
+            "needs a GPU per worker but the local Ray has 0",
+            marks=pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU to train on"),
+        ),
     ],
-    ids=["config", "data"],
+    ids=["config", "data", "more-cpus-than-local-ray", "gpu-without-one"],
 )
 def test_command_line_error_is_one_line(tmp_path, overrides, expected):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
