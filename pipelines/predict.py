@@ -201,11 +201,10 @@ def predict(
     """Segment every unfinished image under ``input_url``; returns counts for the summary."""
     try:
         storage.load_checkpoint(checkpoint)  # fail here, in one line, not inside an actor
-    except storage.CheckpointError as exc:
-        raise UserError(str(exc)) from None
-    try:
+        if input_url.startswith("s3://"):  # else missing credentials read as "no images"
+            storage.check_storage(input_url, write=False)
         storage.check_storage(output)
-    except storage.StorageError as exc:
+    except (storage.CheckpointError, storage.StorageError) as exc:
         raise UserError(str(exc)) from None
     plan = plan_input(input_url, split)
     done = finished_ids(output)

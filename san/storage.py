@@ -454,13 +454,40 @@ def save_checkpoint(directory: str | Path, state: dict, config: dict) -> None:
 
 
 def _read_verified(uri: str) -> dict[str, bytes]:
-    """Contents of every file the manifest lists, after checking sizes and checksums."""
+    """Contents of every file the manifest lists, after checking sizes and checksums.
+
+    On S3 a failure that is not the checkpoint's own (no credentials, no endpoint, no
+    bucket: s3fs reports some as a missing object) is a StorageError naming that cause.
+    """
+    try:
+        return _read_verified_files(uri)
+    except CheckpointError:
+        raise
+    except Exception:
+        if _is_s3(uri):
+            check_storage(uri, write=False)
+        raise
+
+
+def _read_verified_files(uri: str) -> dict[str, bytes]:
     fs, path = filesystem(uri)
     if not fs.exists(path):
+        if _is_s3(uri):
+            check_storage(uri, write=False)
         raise CheckpointError(f"checkpoint {uri} does not exist")
     manifest_path = f"{path}/{MANIFEST}"
     if not fs.exists(manifest_path):
-        raise CheckpointError(f"{uri} is not a SAN checkpoint: no {MANIFEST}")
+        inside = sorted(
+            name
+            for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+            if name.startswith("checkpoint_")
+        )
+        hint = (
+            f"; it is a run folder: pass one of its checkpoints, the latest {join(uri, inside[-1])}"
+            if inside
+            else ""
+        )
+        raise CheckpointError(f"{uri} is not a SAN checkpoint: no {MANIFEST}{hint}")
     try:
         manifest = json.loads(fs.cat_file(manifest_path))
     except ValueError as e:

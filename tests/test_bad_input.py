@@ -219,6 +219,34 @@ def test_missing_bucket(clean_env, s3_server, monkeypatch, capsys):
     assert not clean_env["db"].exists()
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "expected"),
+    [
+        (
+            "train",
+            ["data.dataset=shards", "data.root=s3://no-such-bucket-here/camvid"],
+            "shards at s3://no-such-bucket-here/camvid cannot be read",
+        ),
+        (
+            "evaluate",
+            ["--checkpoint", "s3://no-such-bucket-here/runs/a/checkpoint_0000001"],
+            "storage s3://no-such-bucket-here/runs/a/checkpoint_0000001",
+        ),
+    ],
+    ids=["shards", "checkpoint"],
+)
+def test_reading_from_a_missing_bucket_names_it(
+    clean_env, s3_server, monkeypatch, capsys, script, args, expected
+):
+    """Not "no manifest.json" or "does not exist", which s3fs makes of any failure."""
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    args = train_args(clean_env, *args) if script == "train" else args
+    code, err = run_inprocess(script, args, monkeypatch, capsys)
+    assert_one_line_error(code, err, expected, "bucket 'no-such-bucket-here' does not exist")
+    assert not clean_env["db"].exists()
+
+
 def test_wrong_credentials(clean_env, s3_checking_keys, monkeypatch, capsys):
     for name, value in s3_checking_keys.env.items():
         monkeypatch.setenv(name, value)
@@ -296,6 +324,7 @@ def _corrupt_state(path: Path, good: Path) -> str:
         ("other-K", "does not fit the config (model.n_clusters=6"),
         ("other-D", "does not fit the config (model.n_clusters=4, model.embed_dim=48"),
         ("missing-data", "nowhere/val/images' not found; expected <root>/<split>/images/"),
+        ("run-folder", "it is a run folder: pass one of its checkpoints, the latest /"),
     ],
 )
 def test_evaluate_bad_checkpoint(
@@ -313,6 +342,8 @@ def test_evaluate_bad_checkpoint(
         overrides = ["model.n_clusters=6"]
     elif kind == "other-D":
         overrides = ["model.embed_dim=48"]
+    elif kind == "run-folder":
+        uri = str(good_checkpoint.parent)
     elif kind == "missing-data":  # was a traceback
         overrides = ["data.dataset=folder", f"data.root={tmp_path / 'nowhere'}"]
     code, err = run_inprocess("evaluate", ["--checkpoint", uri, *overrides], monkeypatch, capsys)

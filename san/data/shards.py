@@ -61,7 +61,13 @@ from san.data.base import (
     epoch_rng,
     first_line,
 )
-from san.storage import ForkSafeFilesystem, fetch_object, filesystem
+from san.storage import (
+    ForkSafeFilesystem,
+    StorageError,
+    check_storage,
+    fetch_object,
+    filesystem,
+)
 
 __all__ = [
     "IMAGE_ENCODINGS",
@@ -277,6 +283,8 @@ class ShardDataset(ForkSafeFilesystem):
             elif self.fs.isfile(direct):
                 self.root = root
             else:
+                if not self.is_local:  # s3fs answers False for any failure: say which
+                    self._check_reachable()
                 raise DataError(
                     f"no {MANIFEST} at {self.url}/{split}/ or {self.url}/; expected Parquet "
                     "shards written by write_shards (pipelines/prepare_data.py)"
@@ -308,6 +316,14 @@ class ShardDataset(ForkSafeFilesystem):
                 f"this version reads {list(known)}"
             )
         return value
+
+    def _check_reachable(self) -> None:
+        """A DataError naming the cause when the store itself cannot be read (no
+        credentials, no endpoint, no bucket), rather than reporting the data missing."""
+        try:
+            check_storage(self.url, write=False)
+        except StorageError as exc:
+            raise DataError(f"shards at {self.url} cannot be read: {exc}") from None
 
     def __len__(self) -> int:
         return self._offsets[-1]
