@@ -47,6 +47,20 @@ log = logging.getLogger("san")
 
 PROBE_PIXELS_PER_IMAGE = 64
 
+# What each checkpoint reports to Ray (so what a sweep's metric may name), besides
+# "iou/<class name>" per class; the probe's two only with run.probe_steps > 0.
+REPORTED_METRICS = (
+    "miou",
+    "miou_one_to_one",
+    "pixel_accuracy",
+    "random_miou",
+    "random_pixel_accuracy",
+    "loss",
+    "step",
+    "val_bad_samples_skipped",
+)
+PROBE_METRICS = ("probe_miou", "probe_pixel_accuracy")
+
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_{step:07d}"

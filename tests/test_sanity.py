@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.loop import run_evaluation
+from pipelines.loop import PROBE_METRICS, REPORTED_METRICS, run_evaluation
 from san.config import load_config
 from san.data import PairLoader, StreamDataset, create_dataset, train_pair_transform
 from san.engine import Trainer, seed_everything
@@ -53,6 +53,9 @@ def test_one_to_one_miou_compares_cluster_counts():
         model = create_model(cfg)
         scores[k] = run_evaluation(model, cfg, torch.device("cpu"), pictures=False).metrics
     assert scores[4]["miou_one_to_one"] == scores[4]["miou"]
+    # what a sweep's metric may name (pipelines/tune.py checks it before any trial)
+    reported = set(REPORTED_METRICS + PROBE_METRICS) - {"step", "loss"}
+    assert {k for k in scores[4] if not k.startswith("iou/")} == reported - set(PROBE_METRICS)
     # Untrained, the model uses few of its 16 clusters, so the two may tie; with K > C the
     # one-to-one matching can only leave pixels unmatched (tests/test_metrics.py).
     assert 0 < scores[16]["miou_one_to_one"] <= scores[16]["miou"]

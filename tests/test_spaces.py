@@ -92,6 +92,12 @@ def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
             "search: {algorithm: optuna}\nparams: {model.tau: {grid: [0.1, 0.2]}}",
             "params.model.tau",
         ),
+        ("params: {model.tau: {choice: [0.1]}}\nmetric: mIoU", "metric"),
+        (
+            "params: {model.tau: {choice: [0.1]}}\nmetric: probe_miou\n"
+            "config: {run.probe_steps: 0}",
+            "metric",
+        ),
         # valid as a config value; only building the model shows timm has no such name
         ("params: {model.encoder: {choice: [resnet10t, resnet1t]}}", "params.model.encoder"),
     ],
