@@ -40,10 +40,12 @@ def load_model(uri: str, overrides: list[str]):
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # torch's first line only names the class ("Error(s) in loading state_dict for
+        # SAN:"); the next says which tensor and which shapes.
+        first = " ".join(line.strip() for line in str(exc).splitlines()[:2]) or type(exc).__name__
         raise UserError(
             f"checkpoint {uri} does not fit the config (model.n_clusters="
-            f"{cfg.model.n_clusters}, model.embed_dim={cfg.model.embed_dim}): {first[:200]}"
+            f"{cfg.model.n_clusters}, model.embed_dim={cfg.model.embed_dim}): {first[:400]}"
         ) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), cfg, state
@@ -125,12 +127,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint URI (path or s3://...)")
     parser.add_argument("--register", metavar="NAME", help="register the model under NAME")
-    parser.add_argument("--alias", default="champion", help="alias for the registered version")
+    parser.add_argument(
+        "--alias", default=None, help="alias for the registered version (default: champion)"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="dotted overrides, e.g. data.max_val_images=50"
     )
     args = parser.parse_args()
-    print_result(evaluate(args.checkpoint, args.overrides, args.register, args.alias))
+    if args.alias is not None and not args.register:
+        raise UserError(f"--alias {args.alias} names a registered version: add --register NAME")
+    alias = args.alias or "champion"
+    print_result(evaluate(args.checkpoint, args.overrides, args.register, alias))
 
 
 if __name__ == "__main__":

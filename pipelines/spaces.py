@@ -282,6 +282,11 @@ def load_space(path: str | Path) -> Space:
         raise SpaceError(f"space file {name!r} is not valid YAML: {first}") from None
     if not isinstance(raw, dict):
         raise SpaceError(f"space file {name!r} must hold a mapping")
+    if {"model", "data", "optim", "run"} & set(raw) and "params" not in raw:
+        raise SpaceError(
+            f"space file {name!r} is a training config (model/data/optim/run sections), not "
+            "a search space: pass it as --config, and a space (tune_spaces/) as --space"
+        )
     _check_keys(name, "", raw, TOP_KEYS)
     params_raw = _mapping(name, "params", raw.get("params"))
     if not params_raw:

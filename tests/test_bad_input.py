@@ -321,7 +321,7 @@ def _corrupt_state(path: Path, good: Path) -> str:
         ("missing", "does not exist"),
         ("not-san", "is not a SAN checkpoint: no MANIFEST.json"),
         ("corrupt", "is corrupt: state.pt does not match its sha256"),
-        ("other-K", "does not fit the config (model.n_clusters=6"),
+        ("other-K", "size mismatch for running_centres: copying a param with shape"),
         ("other-D", "does not fit the config (model.n_clusters=4, model.embed_dim=48"),
         ("missing-data", "nowhere/val/images' not found; expected <root>/<split>/images/"),
         ("run-folder", "it is a run folder: pass one of its checkpoints, the latest /"),
@@ -348,6 +348,14 @@ def test_evaluate_bad_checkpoint(
         overrides = ["data.dataset=folder", f"data.root={tmp_path / 'nowhere'}"]
     code, err = run_inprocess("evaluate", ["--checkpoint", uri, *overrides], monkeypatch, capsys)
     assert_one_line_error(code, err, expected)
+    assert not clean_env["db"].exists()
+
+
+def test_evaluate_alias_without_register(clean_env, good_checkpoint, monkeypatch, capsys):
+    """Was ignored: the user believed the checkpoint registered as 'best'."""
+    args = ["--checkpoint", str(good_checkpoint), "--alias", "best"]
+    code, err = run_inprocess("evaluate", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, "--alias best names a registered version: add --register")
     assert not clean_env["db"].exists()
 
 

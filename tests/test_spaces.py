@@ -111,6 +111,11 @@ def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry
     assert f"entry {entry!r}" in message, message
 
 
+def test_a_config_given_as_space_is_named_as_such() -> None:
+    with pytest.raises(SpaceError, match="is a training config .* pass it as --config"):
+        load_space(ROOT / "pipelines" / "configs" / "tiny.yaml")
+
+
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(SpaceError, match="does not exist"):
         load_space(tmp_path / "nope.yaml")
