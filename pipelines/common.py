@@ -104,7 +104,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
         help="YAML config file (default: pipelines/configs/default.yaml)",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. model.n_clusters=27 optim.lr=3e-4"
+        "overrides",
+        nargs="*",
+        help="dotted overrides, e.g. model.n_clusters=27 optim.lr=3e-4; a relative data.root "
+        "or run.storage is relative to the project root, wherever the command runs (workers "
+        "run elsewhere), while --config is relative to the current directory",
     )
 
 

@@ -68,7 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, choices=PREPARABLE, help="source layout")
     parser.add_argument("--source", required=True, help="dataset root: local path or URL")
-    parser.add_argument("--out", required=True, help="output root: local path or s3:// URL")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output root: local path (relative to the current directory) or s3:// URL; "
+        "train.py reads a relative data.root from the project root, so outside it pass the "
+        'absolute "out" this prints',
+    )
     parser.add_argument("--split", default="train,val", help="comma-separated split names")
     parser.add_argument("--shard-size", type=int, default=256, help="images per shard file")
     parser.add_argument("--on-bad", choices=("skip", "fail"), default="skip")
