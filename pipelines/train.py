@@ -257,6 +257,10 @@ def train(cfg: Config) -> dict:
 
     storage = resolve_storage(cfg.run.storage)
     check_model_config(cfg)
+    weights = cfg.model.vit_weights
+    if weights and not os.environ.get("RAY_ADDRESS") and not os.path.isfile(weights):
+        # Local workers share this machine's files; a cluster's have their own.
+        raise UserError(f"model.vit_weights={weights!r}: no such file")
     preflight_data(cfg)
     check_services(cfg)
     check_resume_compatible(cfg, storage)

@@ -90,6 +90,7 @@ def train_args(env: dict, *overrides: str) -> list[str]:
         ("model.vit=vit_tiny", "model.vit='vit_tiny' is not a timm model"),
         ("model.encoder=vit_tiny_patch16_224", "has no feature level at stride 8"),
         ("model.vit=resnet18", "vit='resnet18', stride=8) cannot be built: TypeError"),
+        ("model.vit_weights=/no/such.pt", "model.vit_weights='/no/such.pt': no such file"),
     ],
     ids=[
         "unknown-key",
@@ -101,6 +102,7 @@ def train_args(env: dict, *overrides: str) -> list[str]:
         "unknown-vit",
         "encoder-without-stride",
         "vit-not-a-vit",
+        "missing-vit-weights",
     ],
 )
 def test_bad_config_value(clean_env, monkeypatch, capsys, override, expected):
