@@ -123,6 +123,11 @@ def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the embedded default: a local SQLite database."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        database = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+        if database and database != ":memory:" and not os.path.isabs(database):
+            # Absolute, as the workers get it: they run in Ray's session folder, where a
+            # relative sqlite:///mlflow.db is another database.
+            return f"sqlite:///{Path(database).resolve()}"
         return uri
     DEFAULT_TRACKING_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{DEFAULT_TRACKING_DIR / 'mlflow.db'}"

@@ -27,3 +27,17 @@ def test_run_artifacts_land_beside_the_database(tmp_path: Path, monkeypatch) -> 
     tracking.end_run(run_id, "FINISHED")
     written = list((tmp_path / "runs" / "mlartifacts").rglob("a.json"))
     assert len(written) == 1 and written[0].read_text().strip().startswith("{")
+
+
+def test_relative_sqlite_uri_is_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """Workers get the driver's URI but run in Ray's session folder: a relative
+    sqlite:///mlflow.db there was another database, which took every step's metrics."""
+    from pipelines.common import tracking_uri, worker_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert worker_env()["MLFLOW_TRACKING_URI"] == tracking_uri()
+    for kept in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "http://127.0.0.1:5000"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
+        assert tracking_uri() == kept
