@@ -119,12 +119,19 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def sqlite_database(uri: str) -> str | None:
+    """The file of a sqlite:/// tracking URI (sqlite:////abs/db -> /abs/db); None for any
+    other URI or an in-memory database."""
+    database = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
+    return database if database and database != ":memory:" else None
+
+
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, or the embedded default: a local SQLite database."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        database = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
-        if database and database != ":memory:" and not os.path.isabs(database):
+        database = sqlite_database(uri)
+        if database and not os.path.isabs(database):
             # Absolute, as the workers get it: they run in Ray's session folder, where a
             # relative sqlite:///mlflow.db is another database.
             return f"sqlite:///{Path(database).resolve()}"

@@ -19,7 +19,7 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import STOPPED_BY_SCHEDULER, tracking_uri
+from pipelines.common import STOPPED_BY_SCHEDULER, sqlite_database, tracking_uri
 from san.config import Config
 
 log = logging.getLogger("san")
@@ -36,10 +36,10 @@ def sqlite_artifact_root(uri: str) -> str | None:
     """`mlartifacts/` beside a SQLite tracking database, as a file URI; None otherwise
     (a server decides its own). MLflow's default would be ./mlruns of whichever
     directory the process runs in."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+    database = sqlite_database(uri)
+    if database is None:
         return None
-    database = Path(uri[len("sqlite:///") :])  # sqlite:////abs/db -> /abs/db
-    return (database.parent / "mlartifacts").resolve().as_uri()
+    return (Path(database).parent / "mlartifacts").resolve().as_uri()
 
 
 def experiment_id(name: str) -> str:
