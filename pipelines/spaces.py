@@ -253,6 +253,23 @@ def check_against_config(space: Space, values: dict[str, Any]) -> None:
             raise _fail(space.path, entry, str(exc)) from None
 
 
+def check_metric(space: Space, cfg: Config) -> None:
+    """The space's metric must be one the trials report: a typo would otherwise end the
+    sweep after its first trial's first evaluation, in a Tune traceback."""
+    from pipelines.loop import PROBE_METRICS, REPORTED_METRICS
+
+    reported = REPORTED_METRICS + (PROBE_METRICS if cfg.run.probe_steps else ())
+    if space.metric in reported or space.metric.startswith("iou/"):
+        return
+    why = " (the probe runs only with run.probe_steps > 0)" if space.metric in PROBE_METRICS else ""
+    raise _fail(
+        space.path,
+        "metric",
+        f"{space.metric!r} is not reported by the trials{why}; "
+        f"choose from {', '.join(reported)} or iou/<class name>",
+    )
+
+
 def check_models(space: Space, cfg: Config) -> None:
     """Every model a trial can build, built on the meta device before Ray starts: a timm
     name or stride that `from_dict` cannot judge fails here in one line, not in each trial.

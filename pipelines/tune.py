@@ -44,9 +44,9 @@ from pipelines.common import (  # noqa: E402
 )
 from pipelines.spaces import (  # noqa: E402
     Space,
-    SpaceError,
     apply_values,
     check_against_config,
+    check_metric,
     check_models,
     load_space,
     trial_overrides,
@@ -77,21 +77,6 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
             space.metric,
         )
     return cfg
-
-
-def check_metric(space: Space, cfg: Config) -> None:
-    """The space's metric must be one the trials report: a typo would otherwise end the
-    sweep after its first trial's first evaluation, in a Tune traceback."""
-    from pipelines.loop import PROBE_METRICS, REPORTED_METRICS
-
-    reported = REPORTED_METRICS + (PROBE_METRICS if cfg.run.probe_steps else ())
-    if space.metric in reported or space.metric.startswith("iou/"):
-        return
-    why = " (the probe runs only with run.probe_steps > 0)" if space.metric in PROBE_METRICS else ""
-    raise SpaceError(
-        f"space file {space.path!r}: entry 'metric': {space.metric!r} is not reported by the "
-        f"trials{why}; choose from {', '.join(reported)} or iou/<class name>"
-    )
 
 
 def sweep_name(space: Space, cfg: Config) -> str:
