@@ -30,6 +30,9 @@ from san.data import (
     StreamDataset,
     create_dataset,
     eval_sample_transform,
+    record_consumed,
+    resume_stream,
+    stream_checkpoint,
     train_pair_transform,
 )
 from san.data.transforms import denormalize
@@ -267,6 +270,15 @@ def prepare_ddp_model(model: torch.nn.Module) -> torch.nn.Module:
     )
 
 
+def _merged_over_ranks(mine: dict) -> dict:
+    """The union of every rank's dict (every rank must call it; their keys are disjoint)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return dict(mine)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return {key: value for theirs in everyone for key, value in theirs.items()}
+
+
 def _broadcast(obj, rank: int):
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         box = [obj if rank == 0 else None]
@@ -316,7 +328,17 @@ def train_loop(loop_config: dict) -> None:
     elif registered is not None:
         # Read in place, as the search above does, not through Ray's as_directory: that
         # copies it to local disk first, and leaves a folder in /tmp when the copy fails.
-        state, _ = storage.load_checkpoint(storage.join(storage_url, newer_than))
+        uri = storage.join(storage_url, newer_than)
+        try:
+            state, _ = storage.load_checkpoint(uri)
+        except storage.CheckpointError as exc:
+            # Deleted or damaged since Ray registered it (say, a user removed a checkpoint
+            # to go back to the one before): go on from the newest complete one left.
+            found = storage.latest_complete_checkpoint(storage_url)
+            state = found[1] if found else None
+            if rank == 0:
+                instead = f"resuming from {found[0]}" if found else "starting from step 0"
+                log.warning("%s; %s instead", exc, instead)
     if state is not None:
         model.load_state_dict(state["model"])
     start_step = state["step"] if state else 0
@@ -325,19 +347,23 @@ def train_loop(loop_config: dict) -> None:
     trainer = Trainer(model, cfg, device)
     if state:
         trainer.load_state_dict(state["trainer"])
-        restore_rng(state["rng"])
         if rank == 0:
             log.info("resumed from step %d", start_step)
 
     source = create_dataset(cfg.data, cfg.data.train_split)
     source.on_bad = SkipBad(cfg.data.max_bad_samples)  # a corrupt file must not end a long run
-    stream = StreamDataset(
-        source,
-        train_pair_transform(cfg.data),
-        rank,
-        world_size,
-        seed=cfg.run.seed + rank * 7919 + start_step,  # fresh, reproducible data after a resume
-    )
+    stream_args = {"seed": cfg.run.seed}
+    if state is not None:
+        stream_args, how = resume_stream(
+            state.get("data"), start_step, cfg.run.seed, world_size, cfg.data.loader_workers
+        )
+        if rank == 0:
+            log.info(how)
+    stream = StreamDataset(source, train_pair_transform(cfg.data), rank, world_size, **stream_args)
+    # This rank's parts -> (epoch, position of the part's next sample), for checkpoints.
+    readers = max(1, cfg.data.loader_workers)
+    mine = range(rank * readers, (rank + 1) * readers)
+    next_samples = {part: at for part, at in stream.start.items() if part in mine}
     loader = PairLoader(
         stream,
         batch_size=cfg.optim.batch_size,
@@ -359,12 +385,15 @@ def train_loop(loop_config: dict) -> None:
         logger.metrics({"resumed_at_step": start_step}, start_step)
     try:
         batches = iter(loader)
+        if state:  # after iter(loader): starting loader workers draws from torch's generator
+            restore_rng(state["rng"])
         images_seen, window_start = 0, time.perf_counter()
         loop_start = window_start  # the ETA counts evaluations and checkpoints too
         bad_skipped: dict[int, int] = {}  # reader (loader worker) -> its running count
         step = start_step
         while step < cfg.optim.max_steps:
             batch = next(batches)
+            record_consumed(next_samples, batch)
             bad_skipped[int(batch["reader"][0])] = int(batch["bad_skipped"].max())
             losses = trainer.step(batch)
             step += 1
@@ -404,6 +433,9 @@ def train_loop(loop_config: dict) -> None:
                 evaluation = run_evaluation(core, cfg, device, rank, world_size)
                 metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
                 metrics = _broadcast(metrics, rank)
+                stream_at = stream_checkpoint(
+                    stream.seed, world_size * readers, _merged_over_ranks(next_samples)
+                )
                 name = checkpoint_name(step)
                 uri = storage.join(storage_url, name)
                 if rank == 0:
@@ -426,6 +458,7 @@ def train_loop(loop_config: dict) -> None:
                         "trainer": trainer.state_dict(),
                         "step": step,
                         "rng": capture_rng(),
+                        "data": stream_at,
                         "mlflow_run_id": run_id,
                     }
                     report_checkpoint(metrics, state, cfg, storage_url, name, background)

@@ -35,11 +35,15 @@ from san.data import (
     create_dataset,
     eval_sample_transform,
     pack_tensor,
+    record_consumed,
+    resume_stream,
+    stream_checkpoint,
     train_pair_transform,
     unpack_pairs,
     unpack_tensor,
     write_shards,
 )
+from san.data import shards as shards_module
 from san.data.base import decode_image, decode_label, decode_raw
 from san.data.shards import SCHEMA, _binary_views, encode_png
 from san.data.transforms import (
@@ -214,7 +218,8 @@ def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_woul
     assert packed["views"].dtype == torch.uint8
     batch = unpack_pairs(packed)
     assert set(batch) == {"view1", "view2", "box1", "box2", "flip1", "flip2", "jitter1",
-                          "jitter2", "id", "reader", "bad_skipped"}  # fmt: skip
+                          "jitter2", "id", "reader", "bad_skipped", "epoch",
+                          "position"}  # fmt: skip
     for i, s in enumerate(whole):
         assert torch.equal(batch["view1"][i], s["views"][0])
         assert torch.equal(batch["box1"][i], s["params"][0, :4])
@@ -937,6 +942,91 @@ def test_stream_dataset_loops_and_ranks() -> None:
     it = iter(stream)
     epochs = [{next(it)["id"], next(it)["id"]} for _ in range(6)]
     assert all(len(e) == 2 for e in epochs) and len(set.union(*epochs)) > 2
+
+
+@pytest.mark.parametrize(("kind", "n_parts"), [("synthetic", 1), ("synthetic", 3),
+                                             ("shards", 2), ("shards", 5)])  # fmt: skip
+def test_a_part_read_from_a_position_is_the_rest_of_its_epoch(
+    kind: str, n_parts: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a resumed run relies on: reading a part from `start` gives exactly what reading
+    it whole gives from there on. Shards: 3 files of 2-row groups, read whole files per part
+    (2 parts) or every n-th row of every file (5 parts)."""
+    if kind == "shards":
+        monkeypatch.setattr(shards_module, "ROW_GROUP", 2)
+        write_shards(_records(11), str(tmp_path), shard_size=4)
+        source = ShardDataset(str(tmp_path), "train")
+        assert [pq.ParquetFile(tmp_path / s["file"]).num_row_groups for s in source.shards] == [
+            2, 2, 2
+        ]  # fmt: skip
+    else:
+        source = SyntheticScenes(11, 24, 3, split="train")
+
+    def read(part: int, start: int = 0) -> list[tuple[str, int]]:
+        samples = source.iter_partition(part, n_parts, 1, True, 5, start)
+        return [(s["id"], s["position"]) for s in samples]
+
+    covered = []
+    for part in range(n_parts):
+        whole = read(part)
+        assert [position for _, position in whole] == list(range(len(whole)))
+        covered += [sample_id for sample_id, _ in whole]
+        for start in range(len(whole) + 1):
+            assert read(part, start) == whole[start:], (part, start)
+    assert len(covered) == len(set(covered)) == 11
+
+
+class OneBadScene(SyntheticScenes):
+    """Synthetic scenes whose item 4 is corrupt (skipped by `SkipBad` while streaming)."""
+
+    def __getitem__(self, index: int) -> dict:
+        if index == 4:
+            raise DataError("scene 4 is corrupt")
+        return super().__getitem__(index)
+
+
+@pytest.mark.parametrize(("stop", "rank", "world_size"), [(3, 0, 1), (4, 1, 2), (7, 0, 1)])
+def test_a_resumed_stream_gives_the_batches_the_uninterrupted_one_would(
+    stop: int, rank: int, world_size: int
+) -> None:
+    """Two loader workers (two parts per rank, batches taken from them in turn), parts of
+    5 or 6 items in batches of 3, so batches span epochs, and one corrupt item skipped:
+    resumed after `stop` batches from what a checkpoint keeps, the stream gives the same
+    batches, augmentation included, as the stream that never stopped."""
+    cfg = DataConfig(image_size=16)
+    transform = train_pair_transform(cfg)
+
+    def batches(n: int, **stream_args) -> list[dict]:
+        source = OneBadScene(21, 20, 3, split="train")
+        source.on_bad = SkipBad(100)
+        stream = StreamDataset(source, transform, rank, world_size, **stream_args)
+        it = iter(PairLoader(stream, batch_size=3, num_workers=2))
+        return [next(it) for _ in range(n)]
+
+    whole = batches(12, seed=4)
+    next_samples: dict[int, tuple[int, int]] = {}
+    for batch in whole[:stop]:
+        record_consumed(next_samples, batch)
+    saved = stream_checkpoint(4, world_size * 2, next_samples)
+    args, how = resume_stream(saved, stop, seed=4, world_size=world_size, loader_workers=2)
+    assert how == f"data: the stream goes on where step {stop} left it"
+    rest = batches(12 - stop, **args)
+    for expected, got in zip(whole[stop:], rest, strict=True):
+        assert got["id"] == expected["id"]
+        for key in ("view1", "view2", "box1", "box2", "jitter1"):
+            assert torch.equal(got[key], expected[key]), key
+
+
+def test_a_stream_whose_layout_changed_starts_anew_and_says_why() -> None:
+    saved = stream_checkpoint(4, 2, {0: (1, 3), 1: (1, 2)})
+    args, how = resume_stream(saved, 12, seed=4, world_size=1, loader_workers=4)
+    assert args == {"seed": 16}
+    assert how == (
+        "data: a new stream, seeded 16: the checkpoint's stream had 2 parts, now 4 "
+        "(1 workers x 4 loader workers)"
+    )
+    args, how = resume_stream(None, 12, seed=4, world_size=2, loader_workers=1)
+    assert args == {"seed": 16} and how.endswith("the checkpoint has no stream position")
 
 
 def test_stream_dataset_shards_two_workers(tmp_path: Path) -> None:

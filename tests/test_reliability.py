@@ -7,7 +7,8 @@
   the suite short): training goes on, the outage is a clear warning, buffered metrics
   arrive once MLflow is back, and no incomplete checkpoint is ever the result.
 - A killed driver resuming on rerun is tests/test_train_e2e.py::
-  test_interrupted_run_resumes_at_saved_step; a killed sweep is covered in tests/test_tune.py.
+  test_interrupted_run_resumes_and_steps_as_if_never_stopped; a killed sweep is covered
+  in tests/test_tune.py.
 
 moto keeps objects in memory, so a restarted S3 endpoint comes back empty: the S3 test can
 show that the run survives the outage and never reports an incomplete checkpoint, not that

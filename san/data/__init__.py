@@ -3,12 +3,13 @@
 Every source (synthetic, folder, shards) implements one protocol:
 
 - `len(source)`, `source.class_names: list[str] | None`, `source.n_classes: int | None`
-- `source.iter_partition(part, n_parts, epoch, shuffle, seed)` yielding
-  `{"id": str, "image": uint8 3xHxW, "label": uint8 HxW | None}`; the parts of one
-  epoch are disjoint and cover every item exactly once.
+- `source.iter_partition(part, n_parts, epoch, shuffle, seed, start=0)` yielding
+  `{"id": str, "image": uint8 3xHxW, "label": uint8 HxW | None, "position": int}` from
+  position `start` of the part's epoch order; the parts of one epoch are disjoint and
+  cover every item exactly once.
 
 `StreamDataset` maps (distributed rank, DataLoader worker) to a part, so a worker
-only ever reads its own slice.
+only ever reads its own slice, and can start each part where a checkpoint left it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ __all__ = [
     "encode_png",
     "eval_sample_transform",
     "pack_tensor",
+    "record_consumed",
+    "resume_stream",
     "sample_seed",
+    "stream_checkpoint",
     "train_pair_transform",
     "unpack_pairs",
     "unpack_tensor",
@@ -131,7 +135,19 @@ def sample_seed(seed: int, epoch: int, sample_id: str) -> int:
 
 
 class StreamDataset(IterableDataset):
-    """Streams a source's partition for this (rank, loader worker), transformed per sample."""
+    """Streams a source's partition for this (rank, loader worker), transformed per sample.
+
+    Every rank must be given the same `seed`: it fixes the epoch's shared order, which the
+    parts slice, and each sample's augmentation (`sample_seed`).
+
+    A resumed run passes `start` (part -> (epoch, position of its next sample), as the
+    samples' "epoch" and "position" keys tell) and `first_worker`, the loader worker whose
+    batch comes next (DataLoader takes batches from its workers in turn, starting at
+    worker 0, so a run that consumed `step` batches from W workers had worker
+    `step % W` next). Loader worker w then reads the part the uninterrupted run's worker
+    (w + first_worker) % W read, from where it stopped, and the run sees the same batches
+    it would have seen without the interruption.
+    """
 
     def __init__(
         self,
@@ -142,6 +158,8 @@ class StreamDataset(IterableDataset):
         seed: int = 0,
         loop: bool = True,
         shuffle: bool = True,
+        start: dict[int, tuple[int, int]] | None = None,
+        first_worker: int = 0,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
@@ -158,18 +176,22 @@ class StreamDataset(IterableDataset):
         self.seed = seed
         self.loop = loop
         self.shuffle = shuffle
-        self.epoch = 0  # first epoch; set it before iterating to resume mid-run
+        self.start = dict(start or {})
+        self.first_worker = first_worker
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         n_workers = info.num_workers if info is not None else 1
         worker_id = info.id if info is not None else 0
-        part = self.rank * n_workers + worker_id
+        part = self.rank * n_workers + (worker_id + self.first_worker) % n_workers
         n_parts = self.world_size * n_workers
-        epoch = self.epoch
+        epoch, position = self.start.get(part, (0, 0))
         while True:
             count = 0
-            for sample in self.source.iter_partition(part, n_parts, epoch, self.shuffle, self.seed):
+            samples = self.source.iter_partition(
+                part, n_parts, epoch, self.shuffle, self.seed, position
+            )
+            for sample in samples:
                 generator = torch.Generator().manual_seed(
                     sample_seed(self.seed, epoch, sample["id"])
                 )
@@ -177,18 +199,63 @@ class StreamDataset(IterableDataset):
                 out = self.transform(sample, generator)
                 # Which reader produced the sample, and how many bad samples that reader has
                 # skipped so far: the training loop sums these into a logged metric, since
-                # loader workers are other processes whose counters it cannot read.
+                # loader workers are other processes whose counters it cannot read. Where
+                # the sample lies in its part's stream goes into checkpoints, for resuming.
                 out["reader"] = part
                 out["bad_skipped"] = getattr(self.source.on_bad, "count", 0)
+                out["epoch"] = epoch
+                out["position"] = sample["position"]
                 yield out
             if not self.loop:
                 return
-            if count == 0:
+            if count == 0 and position == 0:
                 raise DataError(
                     f"data part {part} of {n_parts} is empty: {len(self.source)} items cannot "
                     f"feed {self.world_size} workers x {n_workers} loader workers"
                 )
-            epoch += 1
+            epoch, position = epoch + 1, 0
+
+
+def record_consumed(next_samples: dict[int, tuple[int, int]], batch: dict) -> None:
+    """Note in `next_samples` (part -> (epoch, position of its next sample)) that the
+    training step consumed `batch`: its reader's next sample is the one after its last."""
+    next_samples[int(batch["reader"][-1])] = (
+        int(batch["epoch"][-1]),
+        int(batch["position"][-1]) + 1,
+    )
+
+
+def stream_checkpoint(seed: int, n_parts: int, next_samples: dict[int, tuple[int, int]]) -> dict:
+    """What a checkpoint keeps of the training stream: its seed, how many parts it had, and
+    each part's (epoch, position of its next sample), as `resume_stream` reads it back."""
+    return {"seed": seed, "n_parts": n_parts, "parts": dict(sorted(next_samples.items()))}
+
+
+def resume_stream(
+    saved: dict | None, step: int, seed: int, world_size: int, loader_workers: int
+) -> tuple[dict, str]:
+    """`StreamDataset` arguments (seed, start, first_worker) for a run resuming at `step`
+    from a checkpoint's `stream_checkpoint` entry, and a line saying how its data goes on.
+
+    With as many parts as the checkpoint's stream had (world size x loader workers), the
+    run reads on exactly where it stopped. Otherwise (the layout changed, or a checkpoint
+    from before streams were saved) no sample position carries over: the run starts a new
+    stream, seeded by `seed + step` so that it is reproducible yet not the data of steps
+    1.. again.
+    """
+    readers = max(1, loader_workers)
+    n_parts = world_size * readers
+    if saved is not None and saved["n_parts"] == n_parts:
+        start = {int(p): (int(e), int(i)) for p, (e, i) in saved["parts"].items()}
+        args = {"seed": int(saved["seed"]), "start": start, "first_worker": step % readers}
+        return args, f"data: the stream goes on where step {step} left it"
+    why = (
+        "the checkpoint has no stream position"
+        if saved is None
+        else f"the checkpoint's stream had {saved['n_parts']} parts, now {n_parts} "
+        f"({world_size} workers x {readers} loader workers)"
+    )
+    return {"seed": seed + step}, f"data: a new stream, seeded {seed + step}: {why}"
 
 
 class TrainPairTransform:
@@ -227,6 +294,8 @@ class TrainPairTransform:
             "id": [s.get("id") for s in samples],
             "reader": [int(s.get("reader", 0)) for s in samples],
             "bad_skipped": [int(s.get("bad_skipped", 0)) for s in samples],
+            "epoch": [int(s.get("epoch", 0)) for s in samples],
+            "position": [int(s.get("position", 0)) for s in samples],
         }
         if get_worker_info() is not None:
             batch["views"], batch["params"] = pack_tensor(views), pack_tensor(params)
@@ -260,7 +329,8 @@ def unpack_tensor(value: torch.Tensor | tuple) -> torch.Tensor:
 def unpack_pairs(batch: dict) -> dict:
     """A `TrainPairTransform.collate` batch -> the Trainer's keys: view1/view2 (uint8
     B x 3 x S x S, finished by `Trainer.step`), box1/box2 (B x 4, [0, 1] coordinates),
-    flip1/flip2 (B, bool), jitter1/jitter2 (B x 4), id, reader, bad_skipped."""
+    flip1/flip2 (B, bool), jitter1/jitter2 (B x 4), id, reader, bad_skipped, epoch,
+    position."""
     views, params = unpack_tensor(batch["views"]), unpack_tensor(batch["params"])
     return {
         "view1": views[:, 0],
@@ -274,6 +344,8 @@ def unpack_pairs(batch: dict) -> dict:
         "id": batch["id"],
         "reader": torch.tensor(batch["reader"]),
         "bad_skipped": torch.tensor(batch["bad_skipped"]),
+        "epoch": torch.tensor(batch["epoch"]),
+        "position": torch.tensor(batch["position"]),
     }
 
 

@@ -218,15 +218,18 @@ class IndexedSource:
         raise NotImplementedError
 
     def iter_partition(
-        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int, start: int = 0
     ) -> Iterator[dict]:
-        """Yield this part's samples; the parts of one epoch cover every item exactly once."""
-        for index in partition_indices(len(self), part, n_parts, epoch, shuffle, seed):
+        """Yield this part's samples from position `start` of its epoch order, each with its
+        "position" there; the parts of one epoch cover every item exactly once."""
+        indices = partition_indices(len(self), part, n_parts, epoch, shuffle, seed)
+        for position in range(start, len(indices)):
             try:
-                sample = self[int(index)]
+                sample = self[int(indices[position])]
             except DataError as exc:
                 if self.on_bad is None:
                     raise
                 self.on_bad(exc)
                 continue
+            sample["position"] = position
             yield sample

@@ -520,22 +520,38 @@ class ShardDataset(ForkSafeFilesystem):
         raise DataError(f"shard {self._path(shard)} has fewer rows than its manifest")
 
     def iter_partition(
-        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
+        self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int, start: int = 0
     ) -> Iterator[dict]:
-        """Stream this part's samples, one row group in memory at a time (which shards
-        and rows: `_file_order`)."""
+        """Stream this part's samples from position `start` of its epoch order, each with
+        its "position" there, one row group in memory at a time (which shards and rows:
+        `_file_order`). Shards and row groups wholly before `start` are not read."""
         order, by_file = self._file_order(part, n_parts, epoch, shuffle, seed)
+        position = 0  # of the first row of order[0] in this part's epoch order
+        while order and position + self._part_rows(order[0], part, n_parts, by_file) <= start:
+            position += self._part_rows(order.pop(0), part, n_parts, by_file)
         next_epoch = None
         if self.epochs_follow and not self.is_local:
             following, _ = self._file_order(part, n_parts, epoch + 1, shuffle, seed)
             if following:
-                next_epoch = ((part, n_parts, epoch + 1, shuffle, seed), following[0])
-        epoch_key = (part, n_parts, epoch, shuffle, seed)
+                next_epoch = ((part, n_parts, epoch + 1, shuffle, seed, 0), following[0])
+        epoch_key = (part, n_parts, epoch, shuffle, seed, start)
         for file_idx, fetched in self._fetched_in_order(order, epoch_key, next_epoch):
             with self._open(self.shards[file_idx], fetched) as pf:
                 yield from self._iter_file(
-                    pf, file_idx, part, n_parts, by_file, epoch, shuffle, seed
+                    pf, file_idx, part, n_parts, by_file, epoch, shuffle, seed, position, start
                 )
+            position += self._part_rows(file_idx, part, n_parts, by_file)
+
+    def _part_rows(self, file_idx: int, part: int, n_parts: int, by_file: bool) -> int:
+        """How many of shard `file_idx`'s rows belong to `part` (from the manifest alone)."""
+        first, end = self._offsets[file_idx], self._offsets[file_idx + 1]
+        if by_file:
+            return end - first
+
+        def before(x: int) -> int:  # rows g < x with g % n_parts == part
+            return max(0, (x - part + n_parts - 1) // n_parts)
+
+        return before(end) - before(first)
 
     def _iter_file(
         self,
@@ -547,8 +563,13 @@ class ShardDataset(ForkSafeFilesystem):
         epoch: int,
         shuffle: bool,
         seed: int,
+        position: int,
+        start: int,
     ) -> Iterator[dict]:
-        """One shard's rows for this part, row group by row group (shuffled within the file)."""
+        """One shard's rows for this part, row group by row group (shuffled within the file),
+        from the file's first row at `position` of the part's order; rows before `start` are
+        skipped, and row groups wholly before it are not read. The skipped groups' shuffles
+        are drawn all the same, so the rest come in the order an unbroken epoch gives."""
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         starts = [0]
         for n in sizes:
@@ -566,6 +587,11 @@ class ShardDataset(ForkSafeFilesystem):
                     continue
             if shuffle:
                 rows = [rows[int(i)] for i in rng.permutation(len(rows))]
+            skip = min(max(0, start - position), len(rows))
+            position += skip
+            rows = rows[skip:]
+            if not rows:
+                continue
             names = ["id", "image", "height", "width"] + (["label"] if self.load_labels else [])
             table = pf.read_row_group(group, columns=names)
             columns = {
@@ -575,6 +601,7 @@ class ShardDataset(ForkSafeFilesystem):
                 for name in names
             }
             for r in rows:
+                position += 1
                 try:
                     sample = self._decode({k: values[r] for k, values in columns.items()})
                 except DataError as exc:
@@ -582,4 +609,5 @@ class ShardDataset(ForkSafeFilesystem):
                         raise
                     self.on_bad(exc)
                     continue
+                sample["position"] = position - 1
                 yield sample
