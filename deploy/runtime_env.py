@@ -13,7 +13,9 @@ the environment `ray start` runs in (deploy/cluster.yaml's services.env, KubeRay
 named on stderr as not forwarded. No pip/conda section: jobs run in the cluster's
 own Python (the image of deploy/Dockerfile, or the venv the head was started from), because
 installing torch per job is slow and could drift from the cluster's pinned versions. The
-working dir excludes (.git, .venv, outputs, caches) come from the project's .rayignore.
+working dir excludes (.git, .venv, outputs, caches) come from the project's .rayignore;
+so that the job's MLflow runs still name the code they ran, the submitting checkout's git
+commit, branch and dirty flag go as SAN_GIT_* variables (pipelines.common.code_version).
 """
 
 from __future__ import annotations
@@ -25,17 +27,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import FORWARDED_ENV, SECRET_ENV  # noqa: E402
+from pipelines.common import (  # noqa: E402
+    CODE_VERSION_ENV,
+    FORWARDED_ENV,
+    SECRET_ENV,
+    code_version,
+)
 
 
-def runtime_env(environ: dict[str, str] | None = None) -> dict:
-    """The runtime env dict: forwarded non-secret variables that are set, plus Ray's cwd rule."""
+def runtime_env(
+    environ: dict[str, str] | None = None, version: dict[str, str] | None = None
+) -> dict:
+    """The runtime env dict: forwarded non-secret variables that are set, the code's
+    version (`version`, by default this checkout's), plus Ray's cwd rule."""
     environ = dict(os.environ if environ is None else environ)
+    version = code_version() if version is None else version
     env_vars = {
         name: environ[name]
         for name in FORWARDED_ENV
         if environ.get(name) and name not in SECRET_ENV
     }
+    env_vars |= {CODE_VERSION_ENV[key]: value for key, value in version.items() if value}
     env_vars["RAY_CHDIR_TO_TRIAL_DIR"] = "0"  # keep relative paths pointing into the working dir
     return {"env_vars": env_vars}
 

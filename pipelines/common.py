@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,48 @@ SECRET_ENV = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
 )
+
+
+# Where a job's code came from. `ray job submit` uploads the working dir without .git
+# (.rayignore), so deploy/runtime_env.py sets these from the submitting checkout.
+CODE_VERSION_ENV = {
+    "commit": "SAN_GIT_COMMIT",
+    "branch": "SAN_GIT_BRANCH",
+    "dirty": "SAN_GIT_DIRTY",
+}
+
+
+def _git(root: Path, *args: str) -> str | None:
+    """`git <args>` in the checkout at `root`: its output, or None (no git, no checkout)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def code_version(root: Path = ROOT) -> dict[str, str]:
+    """{"commit", "branch", "dirty": "true"/"false"} of the code at `root` (the project):
+    its git checkout, else the SAN_GIT_* variables a job was submitted with; {} when
+    neither tells (a copy of the code outside git)."""
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {
+            key: os.environ[var] for key, var in CODE_VERSION_ENV.items() if os.environ.get(var)
+        }
+    changes = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": commit.strip(),
+        "branch": (_git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip(),
+        "dirty": "true" if changes else "false",
+    }
+
+
+def uncommitted_diff(root: Path = ROOT) -> str:
+    """The uncommitted changes to tracked files at `root`, as `git diff HEAD` prints them."""
+    return _git(root, "diff", "HEAD", "--no-ext-diff") or ""
 
 
 class UserError(Exception):

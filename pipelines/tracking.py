@@ -10,8 +10,11 @@ import json
 import logging
 import os
 import platform
+import shlex
+import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,14 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import STOPPED_BY_SCHEDULER, sqlite_database, tracking_uri
+from pipelines.common import (
+    ROOT,
+    STOPPED_BY_SCHEDULER,
+    code_version,
+    sqlite_database,
+    tracking_uri,
+    uncommitted_diff,
+)
 from san.config import Config
 
 log = logging.getLogger("san")
@@ -82,22 +92,72 @@ def system_tags() -> dict[str, str]:
     }
 
 
-def start_run(cfg: Config, storage: str, parent_run_id: str | None = None) -> tuple[str, bool]:
-    """Create the job's run, or reopen the one with the same name; returns (run_id, resumed)."""
+@dataclass(frozen=True)
+class CodeSource:
+    """What ran: the command line and the code's git state, recorded on each run so a
+    number in the MLflow UI leads back to the code and command that produced it."""
+
+    script: str  # relative to the project when it is in it
+    command: str
+    version: dict[str, str]  # pipelines.common.code_version()
+    diff: str = ""  # uncommitted changes, logged as code/uncommitted.diff
+
+    @classmethod
+    def of_this_process(cls) -> CodeSource:
+        script = Path(sys.argv[0]).resolve()
+        if script.is_relative_to(ROOT):
+            script = script.relative_to(ROOT)
+        version = code_version()
+        diff = uncommitted_diff() if version.get("dirty") == "true" else ""
+        command = shlex.join(["python", str(script), *sys.argv[1:]])
+        return cls(str(script), command, version, diff)
+
+    def tags(self) -> dict[str, str]:
+        """MLflow's own source tags (the UI shows the commit) and the full command."""
+        tags = {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": self.script,
+            "san.command": self.command[:5000],
+        }
+        if "commit" in self.version:
+            tags["mlflow.source.git.commit"] = self.version["commit"]
+        if self.version.get("branch"):
+            tags["mlflow.source.git.branch"] = self.version["branch"]
+        if "dirty" in self.version:
+            tags["san.git_dirty"] = self.version["dirty"]
+        return tags
+
+
+def start_run(
+    cfg: Config,
+    storage: str,
+    parent_run_id: str | None = None,
+    source: CodeSource | None = None,
+) -> tuple[str, bool]:
+    """Create the job's run, or reopen the one with the same name; returns (run_id, resumed).
+
+    `source` (what ran) is tagged on a new run; a resume under other code or another
+    command adds what differs to the `san.resume_changed` tag, beside changed params.
+    """
     mlflow_client = client()
     run_id = find_run(cfg, storage)
     params = {k: "null" if v is None else str(v) for k, v in cfg.flat().items()}
+    code_tags = source.tags() if source else {}
     if run_id is not None:
         mlflow_client.update_run(run_id, status="RUNNING")
-        old = mlflow_client.get_run(run_id).data.params
+        old_run = mlflow_client.get_run(run_id).data
+        old = old_run.params
         changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+        for key in ("mlflow.source.git.commit", "san.git_dirty", "san.command"):
+            if key in code_tags and old_run.tags.get(key, "") != code_tags[key]:
+                changed[key] = code_tags[key]
         fresh = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in old]
         if fresh:
             mlflow_client.log_batch(run_id, params=fresh)
         if changed:  # params are immutable in MLflow: record what the resume changed as a tag
             mlflow_client.set_tag(run_id, "san.resume_changed", json.dumps(changed)[:4900])
         return run_id, True
-    tags = {RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage, **system_tags()}
+    tags = {RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage, **system_tags(), **code_tags}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = mlflow_client.create_run(
@@ -106,6 +166,8 @@ def start_run(cfg: Config, storage: str, parent_run_id: str | None = None) -> tu
     items = [mlflow.entities.Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 90):
         mlflow_client.log_batch(run.info.run_id, params=items[i : i + 90])
+    if source and source.diff:
+        _log_bytes(mlflow_client, run.info.run_id, source.diff.encode(), "code/uncommitted.diff")
     return run.info.run_id, False
 
 
@@ -250,4 +312,12 @@ def log_json(run_id: str, data: Any, path: str) -> None:
     _log_bytes(client(), run_id, buffer.getvalue().encode(), path)
 
 
-__all__ = ["RunLogger", "start_run", "end_run", "find_run", "experiment_id", "RunStatus"]
+__all__ = [
+    "CodeSource",
+    "RunLogger",
+    "start_run",
+    "end_run",
+    "find_run",
+    "experiment_id",
+    "RunStatus",
+]

@@ -266,7 +266,7 @@ def train(cfg: Config) -> dict:
     check_resume_compatible(cfg, storage)
     init_ray()
     check_fits_local_ray(cfg)
-    run_id, resumed = tracking.start_run(cfg, storage)
+    run_id, resumed = tracking.start_run(cfg, storage, source=tracking.CodeSource.of_this_process())
     log.info(
         "%s MLflow run %s; checkpoints under %s/%s",
         "resuming" if resumed else "started",

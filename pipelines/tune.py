@@ -116,7 +116,9 @@ def run_trial(sampled: dict, sweep: dict) -> None:
         log.info("trial %s finished in an earlier attempt: reporting its result", trial_id)
         ray.tune.report(finished)
         return
-    run_id, resumed = tracking.start_run(cfg, storage, parent_run_id=sweep["parent_run_id"])
+    run_id, resumed = tracking.start_run(
+        cfg, storage, parent_run_id=sweep["parent_run_id"], source=sweep["source"]
+    )
     mlflow_client = tracking.client()
     mlflow_client.set_tag(run_id, "san.trial_id", trial_id)
     mlflow_client.set_tag(run_id, "san.sweep", sweep["name"])
@@ -442,7 +444,8 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
         cpus = ray.cluster_resources().get("CPU", 0.0)
         space = dataclasses.replace(space, max_concurrent=concurrency_that_fits(space, cfg, cpus))
     parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
-    parent_run_id, reopened = tracking.start_run(parent_cfg, storage)
+    source = tracking.CodeSource.of_this_process()
+    parent_run_id, reopened = tracking.start_run(parent_cfg, storage, source=source)
     mlflow_client = tracking.client()
     if not reopened:
         summary = {**space.summary(), "sweep.num_samples": str(num_samples)}
@@ -462,6 +465,7 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
         "name": name,
         "storage": storage,
         "parent_run_id": parent_run_id,
+        "source": dataclasses.replace(source, diff=""),  # the diff is on the sweep's run
     }
     tuner, trainable = build_tuner(space, cfg, storage, sweep, num_samples)
     if resume:

@@ -201,7 +201,15 @@ def test_env_vars_are_the_ones_the_code_reads() -> None:
     # A job's runtime env carries the endpoints but never a secret (Ray logs runtime envs).
     every = {name: "x" for name in FORWARDED_ENV} | {"UNRELATED": "y"}
     expected = (set(FORWARDED_ENV) - set(SECRET_ENV)) | {"RAY_CHDIR_TO_TRIAL_DIR"}
-    assert set(runtime_env(every)["env_vars"]) == expected
+    assert set(runtime_env(every, version={})["env_vars"]) == expected
+    # and the code's version, since the job's working dir goes without .git
+    version = {"commit": "0123abc", "branch": "main", "dirty": "true"}
+    got = runtime_env({}, version=version)["env_vars"]
+    assert {k: v for k, v in got.items() if k.startswith("SAN_GIT_")} == {
+        "SAN_GIT_COMMIT": "0123abc",
+        "SAN_GIT_BRANCH": "main",
+        "SAN_GIT_DIRTY": "true",
+    }
 
 
 def test_mlflow_server_manifests() -> None:

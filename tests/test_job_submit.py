@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 import urllib.error
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from deploy.runtime_env import runtime_env
-from pipelines.common import SECRET_ENV
+from pipelines.common import SECRET_ENV, code_version
 from san import storage
 
 pytestmark = pytest.mark.e2e
@@ -172,6 +173,12 @@ def test_train_job_stop_then_resume_to_success(ray_head, mlflow_server, s3_env, 
     run = MlflowClient(mlflow_server.uri).get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["checkpoint_uri"] == result["checkpoint"]
+    # The job's working dir went without .git; the commit came from the submitting checkout.
+    assert run.data.tags["mlflow.source.git.commit"] == code_version()["commit"]
+    first_command = [*train, *overrides, "optim.max_steps=1000", "run.checkpoint_every=2"]
+    assert run.data.tags["san.command"] == shlex.join(first_command)
+    changed = json.loads(run.data.tags["san.resume_changed"])  # what the resubmission changed
+    assert changed["optim.max_steps"] == str(final_steps) and "san.command" in changed
     assert "loss" in run.data.metrics
     final_state, _ = storage.load_checkpoint(result["checkpoint"])
     assert final_state["step"] == final_steps

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from pipelines import tracking
+from pipelines.common import code_version, uncommitted_diff
 from san.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +46,68 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path: Path, monkeypatch) -> No
     for kept in ("sqlite:////abs/mlflow.db", "sqlite:///:memory:", "http://127.0.0.1:5000"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", kept)
         assert tracking_uri() == kept
+
+
+def git(root: Path, *args: str) -> str:
+    command = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args]
+    return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_code_version_from_git_or_from_a_submitted_jobs_variables(tmp_path: Path, monkeypatch):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "exp")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "a.py")
+    git(repo, "commit", "-q", "-m", "a")
+    commit = git(repo, "rev-parse", "HEAD")
+    (repo / "notes.txt").write_text("untracked files do not make the code dirty")
+    assert code_version(repo) == {"commit": commit, "branch": "exp", "dirty": "false"}
+    assert uncommitted_diff(repo) == ""
+    (repo / "a.py").write_text("x = 2\n")
+    assert code_version(repo)["dirty"] == "true"
+    assert "-x = 1\n+x = 2" in uncommitted_diff(repo)
+    # A job's working dir is uploaded without .git: deploy/runtime_env.py passes these.
+    copy = tmp_path / "job"
+    copy.mkdir()
+    assert code_version(copy) == {}
+    monkeypatch.setenv("SAN_GIT_COMMIT", commit)
+    monkeypatch.setenv("SAN_GIT_DIRTY", "true")
+    assert code_version(copy) == {"commit": commit, "dirty": "true"}
+
+
+def test_a_run_names_the_code_and_command_it_ran(tmp_path: Path, monkeypatch) -> None:
+    """Tags MLflow's UI shows (source name, git commit), the command, the uncommitted
+    diff as an artifact; a resume under other code says what changed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.experiment=code"])
+    version = {"commit": "a" * 40, "branch": "main", "dirty": "true"}
+    command = "python pipelines/train.py run.name=x 'data.root=/with space'"
+    source = tracking.CodeSource("pipelines/train.py", command, version, "diff --git a/x b/x\n")
+    run_id, resumed = tracking.start_run(cfg, str(tmp_path / "ray"), source=source)
+    assert not resumed
+    client = MlflowClient(uri)
+    tags = client.get_run(run_id).data.tags
+    assert tags["mlflow.source.name"] == "pipelines/train.py"
+    assert tags["mlflow.source.git.commit"] == "a" * 40
+    assert tags["mlflow.source.git.branch"] == "main"
+    assert tags["san.git_dirty"] == "true" and tags["san.command"] == command
+    diff = Path(client.download_artifacts(run_id, "code/uncommitted.diff", str(tmp_path)))
+    assert diff.read_text() == "diff --git a/x b/x\n"
+
+    clean = tracking.CodeSource(
+        "pipelines/train.py", command, {**version, "commit": "b" * 40, "dirty": "false"}
+    )
+    again, resumed = tracking.start_run(cfg, str(tmp_path / "ray"), source=clean)
+    assert again == run_id and resumed
+    changed = json.loads(client.get_run(run_id).data.tags["san.resume_changed"])
+    assert changed == {"mlflow.source.git.commit": "b" * 40, "san.git_dirty": "false"}
+
+
+def test_this_checkouts_version_is_what_git_says() -> None:
+    source = tracking.CodeSource.of_this_process()
+    assert source.version["commit"] == git(ROOT, "rev-parse", "HEAD")
+    dirty = bool(git(ROOT, "status", "--porcelain", "--untracked-files=no"))
+    assert source.version["dirty"] == str(dirty).lower()
+    assert bool(source.diff) == dirty

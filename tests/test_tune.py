@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines.common import code_version
+
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "pipelines" / "tune.py"
 
@@ -172,8 +174,12 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
 
     kids = children(client, parent.info.run_id)
     assert len(kids) == 4
+    commit = code_version()["commit"]  # the sweep and each trial name the code they ran
+    assert parent.data.tags["mlflow.source.git.commit"] == commit
+    assert parent.data.tags["san.command"].startswith("python pipelines/tune.py --space ")
     histories = {}
     for kid in kids:
+        assert kid.data.tags["mlflow.source.git.commit"] == commit
         assert "model.tau" in kid.data.params and "optim.lr" in kid.data.params
         histories[kid.info.run_id] = client.get_metric_history(kid.info.run_id, metric)
         assert histories[kid.info.run_id], f"child {kid.info.run_id} has no {metric} history"
