@@ -12,6 +12,7 @@ the last checkpoint. The last stdout line is one JSON object:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -99,36 +100,82 @@ def _spread_samples(source, n: int):
         yield sample
 
 
-def check_resume_compatible(cfg: Config, storage: str) -> None:
-    """A rerun resumes from the run's last checkpoint; refuse one whose weights cannot fit.
-
-    Checked on the driver so a changed K or D is one line, not a worker traceback per restart.
-    """
-    import json
-
+def newest_saved_checkpoint(cfg: Config, storage: str) -> tuple[str, dict] | None:
+    """(URI, saved config) of the checkpoint a rerun of this run would resume from: the
+    newest whose manifest and config are written. None for a new run."""
     from san import storage as st
 
     run_dir = st.join(storage, cfg.run.name)
     try:
         names = [n for n in st.list_dir(run_dir) if n.startswith("checkpoint_")]
     except FileNotFoundError:
-        return
+        return None
     for name in sorted(names, reverse=True):
         config_url = st.join(run_dir, name, st.CONFIG_FILE)
         if not st.exists(st.join(run_dir, name, st.MANIFEST)) or not st.exists(config_url):
             continue  # an unfinished upload; Ray never resumes from it
-        saved = json.loads(st.read_bytes(config_url)).get("model", {})
-        changed = [
-            f"model.{k}={saved.get(k)!r} there, {getattr(cfg.model, k)!r} here"
-            for k in SHAPE_FIELDS
-            if saved.get(k) != getattr(cfg.model, k)
-        ]
-        if changed:
-            raise UserError(
-                f"run {cfg.run.name!r} would resume from {st.join(run_dir, name)}, written with "
-                f"another model ({'; '.join(changed)}): use a new run.name or the same model"
-            )
+        return st.join(run_dir, name), json.loads(st.read_bytes(config_url))
+    return None
+
+
+def check_resume_compatible(cfg: Config, newest: tuple[str, dict] | None) -> None:
+    """A rerun resumes from the run's last checkpoint; refuse one whose weights cannot fit.
+
+    Checked on the driver so a changed K or D is one line, not a worker traceback per restart.
+    """
+    if newest is None:
         return
+    uri, saved_config = newest
+    saved = saved_config.get("model", {})
+    changed = [
+        f"model.{k}={saved.get(k)!r} there, {getattr(cfg.model, k)!r} here"
+        for k in SHAPE_FIELDS
+        if saved.get(k) != getattr(cfg.model, k)
+    ]
+    if changed:
+        raise UserError(
+            f"run {cfg.run.name!r} would resume from {uri}, written with "
+            f"another model ({'; '.join(changed)}): use a new run.name or the same model"
+        )
+
+
+# The run.* settings that change what a run trains or reports (the others name it, place
+# it, or set how often it logs and saves).
+RUN_SETTINGS_THAT_TRAIN = ("run.seed", "run.num_workers", "run.probe_steps")
+
+
+def say_if_finished(cfg: Config, newest: tuple[str, dict] | None) -> None:
+    """Rerunning a finished run trains nothing and prints its result again: say so, and
+    name any setting given now that differs from the run's, as it did not produce that
+    result."""
+    if newest is None:
+        return
+    uri, saved_config = newest
+    step = int(uri.rstrip("/").rsplit("_", 1)[1])
+    if step < cfg.optim.max_steps:
+        return
+    saved = {
+        f"{section}.{key}": value
+        for section, values in saved_config.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
+    differ = [
+        f"{key}={saved[key]!r} there, {value!r} here"
+        for key, value in cfg.flat().items()
+        if key in saved
+        and key != "optim.max_steps"
+        and (not key.startswith("run.") or key in RUN_SETTINGS_THAT_TRAIN)
+        and saved[key] != json.loads(json.dumps(value))
+    ]
+    log.warning(
+        "run %r already finished at step %d (%s): nothing to train, its result follows%s; "
+        "raise optim.max_steps to train it further, or set a new run.name",
+        cfg.run.name,
+        step,
+        uri,
+        f", and it was not trained with these settings ({'; '.join(differ)})" if differ else "",
+    )
 
 
 def failure_cause(exc: BaseException) -> str:
@@ -263,7 +310,9 @@ def train(cfg: Config) -> dict:
         raise UserError(f"model.vit_weights={weights!r}: no such file")
     preflight_data(cfg)
     check_services(cfg)
-    check_resume_compatible(cfg, storage)
+    newest = newest_saved_checkpoint(cfg, storage)
+    check_resume_compatible(cfg, newest)
+    say_if_finished(cfg, newest)
     init_ray()
     check_fits_local_ray(cfg)
     run_id, resumed = tracking.start_run(cfg, storage, source=tracking.CodeSource.of_this_process())

@@ -301,6 +301,37 @@ def test_train_resume_from_incompatible_checkpoint(clean_env, good_checkpoint, m
     assert not clean_env["db"].exists()
 
 
+def test_rerunning_a_finished_run_says_so_and_names_settings_that_differ(
+    good_checkpoint, tmp_path, caplog
+):
+    """A rerun of a finished run trains nothing and prints the stored result; the driver
+    says so, and which settings given now did not produce it (not run.log_every and the
+    like, which do not change what is trained)."""
+    import shutil
+
+    from pipelines import train
+    from san.config import load_config
+
+    shutil.copytree(good_checkpoint, tmp_path / "done" / good_checkpoint.name)
+    storage = str(tmp_path)
+
+    def rerun(*overrides: str) -> list[str]:
+        cfg = load_config(TINY, ["run.name=done", *overrides])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="san"):
+            train.say_if_finished(cfg, train.newest_saved_checkpoint(cfg, storage))
+        return [r.getMessage() for r in caplog.records]
+
+    assert rerun("optim.max_steps=6") == []  # not finished: it resumes at step 5
+    (said,) = rerun("optim.max_steps=5", "run.log_every=7")
+    assert said.startswith(f"run 'done' already finished at step 5 ({tmp_path / 'done'}")
+    assert "nothing to train, its result follows; raise optim.max_steps" in said
+    (said,) = rerun("optim.max_steps=5", "loss.w_mi=2", "data.jitter=0.1")
+    assert said.count(" there, ") == 2
+    assert "not trained with these settings (loss.w_mi=1.0 there, 2.0 here; data.jitter=" in said
+    assert train.newest_saved_checkpoint(load_config(TINY, ["run.name=new"]), storage) is None
+
+
 def _not_san(path: Path) -> str:
     path.mkdir()
     (path / "model.bin").write_bytes(b"weights")
