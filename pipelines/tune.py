@@ -128,11 +128,21 @@ def run_trial(sampled: dict, sweep: dict) -> None:
     trainer = build_trainer(
         cfg, storage, run_id, callbacks=[TuneReportCallback()], sweep_trial=True
     )
+
+    def stopped_early() -> bool:
+        # The scheduler's callback (RecordingASHA) tagged the run and closed it as KILLED;
+        # the trial then ends by its loop stopping or by Tune killing it, and must not
+        # make that FAILED or FINISHED.
+        return mlflow_client.get_run(run_id).data.tags.get("stop_reason") == STOP_EARLY
+
     try:
         trainer.fit()
     except BaseException:
-        tracking.end_run(run_id, "FAILED")
+        if not stopped_early():
+            tracking.end_run(run_id, "FAILED")
         raise
+    if stopped_early():
+        return
     mlflow_client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
     tracking.end_run(run_id, "FINISHED")
 
@@ -324,8 +334,10 @@ def finalize_children(rows: list[dict[str, Any]]) -> None:
         if row["checkpoint_uri"]:
             mlflow_client.set_tag(row["child_run_id"], "checkpoint_uri", row["checkpoint_uri"])
         mlflow_client.set_tag(row["child_run_id"], "san.steps_run", str(row["steps"]))
-        # Close only what is still open, so a resumed sweep leaves kept trials' runs untouched.
-        if mlflow_client.get_run(row["child_run_id"]).info.status == "RUNNING":
+        # Set only a status that is not already right, so a resumed sweep leaves kept trials'
+        # runs untouched. It can be wrong: Tune kills a trial it stops, at ASHA's max_t too,
+        # and one killed as it finished has closed its own run as FAILED.
+        if mlflow_client.get_run(row["child_run_id"]).info.status != status[row["stop_reason"]]:
             tracking.end_run(row["child_run_id"], status[row["stop_reason"]])
 
 

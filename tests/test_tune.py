@@ -185,6 +185,10 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
         assert histories[kid.info.run_id], f"child {kid.info.run_id} has no {metric} history"
         assert kid.data.tags["stop_reason"] in ("completed", "early_stopped_asha")
         assert kid.data.tags["checkpoint_uri"]
+        # Stopped trials are KILLED, whether their loop stopped first or Tune killed them
+        # (it used to be KILLED or FAILED by that race).
+        status = {"completed": "FINISHED", "early_stopped_asha": "KILLED"}
+        assert kid.info.status == status[kid.data.tags["stop_reason"]], kid.data.tags
     stopped = [k for k in kids if k.data.tags["stop_reason"] == "early_stopped_asha"]
     assert stopped, "ASHA stopped no trial"
     for kid in stopped:
