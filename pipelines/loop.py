@@ -398,7 +398,18 @@ def train_loop(loop_config: dict) -> None:
             losses = trainer.step(batch)
             step += 1
             images_seen += batch["view1"].shape[0] * world_size
-            if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps:
+            logs_now = step % cfg.run.log_every == 0 or step == cfg.optim.max_steps
+            saves_now = step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps
+            # A sweep's scheduler may have stopped this trial. Asked wherever it would log
+            # or save, so that it neither trains on to its next checkpoint nor logs long
+            # past the step the decision was made at. Plain runs skip the MLflow read.
+            if sweep_trial and (logs_now or saves_now):
+                stopped = bool(logger and logger.stopped_by_scheduler())
+                if _sum_over_ranks(int(stopped), device):
+                    if rank == 0:
+                        log.info("stopped by the sweep's scheduler; ending at step %d", step)
+                    break
+            if logs_now:
                 elapsed = time.perf_counter() - window_start
                 throughput = images_seen / max(elapsed, 1e-9)
                 losses["img_per_s"] = throughput
@@ -422,13 +433,7 @@ def train_loop(loop_config: dict) -> None:
                     if logger:
                         logger.metrics(losses, step)
                 images_seen, window_start = 0, time.perf_counter()
-            if step % cfg.run.checkpoint_every == 0 or step == cfg.optim.max_steps:
-                # Only a sweep's scheduler stops a run: plain runs skip the MLflow read.
-                stopped = bool(logger and sweep_trial and logger.stopped_by_scheduler())
-                if _sum_over_ranks(int(stopped), device):
-                    if rank == 0:
-                        log.info("stopped by the sweep's scheduler; ending at step %d", step)
-                    break
+            if saves_now:
                 sync_buffers(core)
                 evaluation = run_evaluation(core, cfg, device, rank, world_size)
                 metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
@@ -448,7 +453,10 @@ def train_loop(loop_config: dict) -> None:
                         uri,
                     )
                     if logger:
-                        logger.metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+                        # "loss" is logged at log steps; again here it would put a second
+                        # point at each checkpoint step that is one, and uneven ones between.
+                        evaluated = {k: v for k, v in metrics.items() if k not in ("step", "loss")}
+                        logger.metrics(evaluated, step)
                         for picture, data in evaluation.pictures.items():
                             logger.artifact(data, f"pictures/step_{step:07d}_{picture}")
                         logger.tag("checkpoint_uri", uri)
