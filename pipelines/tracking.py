@@ -154,8 +154,14 @@ def start_run(
         fresh = [mlflow.entities.Param(k, v) for k, v in params.items() if k not in old]
         if fresh:
             mlflow_client.log_batch(run_id, params=fresh)
-        if changed:  # params are immutable in MLflow: record what the resume changed as a tag
+        if changed:
+            # Params (and the code tags) stay as the run first started, as MLflow's params
+            # cannot change: the tag holds what differs from them at the latest resume, and
+            # each resume's differences stay in an artifact of their own.
             mlflow_client.set_tag(run_id, "san.resume_changed", json.dumps(changed)[:4900])
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            record = json.dumps(changed, indent=1).encode()
+            _log_bytes(mlflow_client, run_id, record, f"resumes/{stamp}.json")
         return run_id, True
     tags = {RUN_NAME_TAG: cfg.run.name, STORAGE_TAG: storage, **system_tags(), **code_tags}
     if parent_run_id:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -103,6 +104,21 @@ def test_a_run_names_the_code_and_command_it_ran(tmp_path: Path, monkeypatch) ->
     assert again == run_id and resumed
     changed = json.loads(client.get_run(run_id).data.tags["san.resume_changed"])
     assert changed == {"mlflow.source.git.commit": "b" * 40, "san.git_dirty": "false"}
+    # A later resume replaces the tag (changes are against the run's first start, like the
+    # params); each one's changes stay under resumes/.
+    time.sleep(1.1)  # the records are named by the second
+    longer = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml",
+                         ["run.experiment=code", "optim.max_steps=9"])  # fmt: skip
+    tracking.start_run(longer, str(tmp_path / "ray"), source=clean)
+    assert json.loads(client.get_run(run_id).data.tags["san.resume_changed"]) == {
+        "optim.max_steps": "9",
+        **changed,
+    }
+    records = [a.path for a in client.list_artifacts(run_id, "resumes")]
+    assert len(records) == 2
+    kept = [json.loads(Path(client.download_artifacts(run_id, r, str(tmp_path))).read_text())
+            for r in sorted(records)]  # fmt: skip
+    assert kept == [changed, {"optim.max_steps": "9", **changed}]
 
 
 def test_this_checkouts_version_is_what_git_says() -> None:
