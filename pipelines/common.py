@@ -203,6 +203,22 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def on_local_ray() -> bool:
+    """Whether this process runs its own Ray (no RAY_ADDRESS, no `ray job submit`). Its CPUs
+    and GPUs are fixed, so what does not fit waits forever; a cluster may autoscale."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def check_local_gpus(run: Any, gpus: float) -> None:
+    """run.use_gpu=true asks a GPU per worker: on a local Ray without them, one line
+    instead of a worker group that waits forever."""
+    if run.use_gpu == "true" and gpus < run.num_workers:
+        raise UserError(
+            f"run.use_gpu=true with run.num_workers={run.num_workers} needs a GPU per worker "
+            f"but the local Ray has {gpus:g}; use run.use_gpu=auto"
+        )
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster when there is one (RAY_ADDRESS, `ray job submit`), else start locally."""
     import ray

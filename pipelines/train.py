@@ -23,9 +23,11 @@ from pipelines.common import (  # noqa: E402
     RunError,
     UserError,
     add_config_args,
+    check_local_gpus,
     check_services,
     config_from_args,
     init_ray,
+    on_local_ray,
     one_line,
     print_result,
     resolve_storage,
@@ -192,7 +194,7 @@ def check_fits_local_ray(cfg: Config) -> None:
     cluster may autoscale, so it is left to Ray."""
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
+    if not on_local_ray():
         return
     have = ray.cluster_resources()
     run = cfg.run
@@ -202,11 +204,7 @@ def check_fits_local_ray(cfg: Config) -> None:
             f"run.num_workers={run.num_workers} x run.cpus_per_worker={run.cpus_per_worker} "
             f"need {need} CPUs but the local Ray has {have.get('CPU', 0):g}; lower them"
         )
-    if run.use_gpu == "true" and have.get("GPU", 0) < run.num_workers:
-        raise UserError(
-            f"run.use_gpu=true with run.num_workers={run.num_workers} needs a GPU per worker "
-            f"but the local Ray has {have.get('GPU', 0):g}; use run.use_gpu=auto"
-        )
+    check_local_gpus(run, have.get("GPU", 0))
 
 
 def use_gpu(cfg: Config) -> bool:
@@ -305,7 +303,7 @@ def train(cfg: Config) -> dict:
     storage = resolve_storage(cfg.run.storage)
     check_model_config(cfg)
     weights = cfg.model.vit_weights
-    if weights and not os.environ.get("RAY_ADDRESS") and not os.path.isfile(weights):
+    if weights and on_local_ray() and not os.path.isfile(weights):
         # Local workers share this machine's files; a cluster's have their own.
         raise UserError(f"model.vit_weights={weights!r}: no such file")
     preflight_data(cfg)

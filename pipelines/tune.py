@@ -35,8 +35,10 @@ from pipelines.common import (  # noqa: E402
     ROOT,
     STOPPED_BY_SCHEDULER,
     UserError,
+    check_local_gpus,
     check_services,
     init_ray,
+    on_local_ray,
     print_result,
     resolve_storage,
     run_main,
@@ -450,11 +452,13 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
     if resume and not exists:
         raise UserError(f"no sweep {name!r} under {storage} to resume")
     init_ray(num_cpus)
-    if not os.environ.get("RAY_ADDRESS"):
+    if on_local_ray():
         import ray
 
-        cpus = ray.cluster_resources().get("CPU", 0.0)
-        space = dataclasses.replace(space, max_concurrent=concurrency_that_fits(space, cfg, cpus))
+        have = ray.cluster_resources()
+        check_local_gpus(cfg.run, have.get("GPU", 0))
+        fits = concurrency_that_fits(space, cfg, have.get("CPU", 0.0))
+        space = dataclasses.replace(space, max_concurrent=fits)
     parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
     source = tracking.CodeSource.of_this_process()
     parent_run_id, reopened = tracking.start_run(parent_cfg, storage, source=source)

@@ -415,11 +415,25 @@ def test_evaluate_alias_without_register(clean_env, good_checkpoint, monkeypatch
     ids=["config", "data", "more-cpus-than-local-ray", "gpu-without-one"],
 )
 def test_command_line_error_is_one_line(tmp_path, overrides, expected):
+    assert_one_line_exit(tmp_path, ["train.py", "--config", TINY], overrides, expected)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="this machine has a GPU to train on")
+def test_sweep_asking_for_gpus_a_local_ray_lacks_is_one_line(tmp_path):
+    """Its trials' worker groups waited forever (Ray Train retrying every 60 s)."""
+    space = ["tune.py", "--space", str(ROOT / "tune_spaces" / "quick.yaml")]
+    expected = "run.use_gpu=true with run.num_workers=1 needs a GPU per worker"
+    assert_one_line_exit(tmp_path, space, ["run.use_gpu=true"], expected)
+
+
+def assert_one_line_exit(tmp_path, command: list[str], overrides: list[str], expected: str):
+    """The pipeline exits 2 with `expected` in its one error line, having written nothing."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "RAY_"))}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     storage = tmp_path / "ray"
+    script, *args = command
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), "--config", TINY,
+        [sys.executable, str(ROOT / "pipelines" / script), *args,
          f"run.storage={storage}", f"run.name={RUN}", *overrides],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -428,7 +442,7 @@ def test_command_line_error_is_one_line(tmp_path, overrides, expected):
     assert lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
-    assert not (storage / RUN).exists() and not (tmp_path / "mlflow.db").exists()
+    assert not list(storage.glob(f"*{RUN}*")) and not (tmp_path / "mlflow.db").exists()
 
 
 # -------------------------------------------------------------------------------- security
