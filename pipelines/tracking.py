@@ -78,12 +78,22 @@ def find_run(cfg: Config, storage: str) -> str | None:
 
 
 def system_tags() -> dict[str, str]:
+    """The host and the versions of what computes a run's numbers."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import ray
     import torch
 
+    packages = {}
+    for name in ("numpy", "timm", "torchvision", "scipy", "pyarrow"):
+        try:
+            packages[f"sys.{name}"] = version(name)
+        except PackageNotFoundError:
+            packages[f"sys.{name}"] = "absent"
     return {
         "sys.python": platform.python_version(),
         "sys.torch": torch.__version__,
+        **packages,
         "sys.ray": ray.__version__,
         "sys.mlflow": mlflow.__version__,
         "sys.host": platform.node(),

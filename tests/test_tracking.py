@@ -94,6 +94,9 @@ def test_a_run_names_the_code_and_command_it_ran(tmp_path: Path, monkeypatch) ->
     assert tags["mlflow.source.git.commit"] == "a" * 40
     assert tags["mlflow.source.git.branch"] == "main"
     assert tags["san.git_dirty"] == "true" and tags["san.command"] == command
+    import timm
+
+    assert tags["sys.timm"] == timm.__version__ and tags["sys.numpy"]  # beside sys.torch
     diff = Path(client.download_artifacts(run_id, "code/uncommitted.diff", str(tmp_path)))
     assert diff.read_text() == "diff --git a/x b/x\n"
 
