@@ -102,6 +102,9 @@ def system_tags() -> dict[str, str]:
     }
 
 
+MAX_DIFF_CHARS = 5_000_000
+
+
 @dataclass(frozen=True)
 class CodeSource:
     """What ran: the command line and the code's git state, recorded on each run so a
@@ -119,6 +122,8 @@ class CodeSource:
             script = script.relative_to(ROOT)
         version = code_version()
         diff = uncommitted_diff() if version.get("dirty") == "true" else ""
+        if len(diff) > MAX_DIFF_CHARS:  # say, a large tracked data file edited
+            diff = diff[:MAX_DIFF_CHARS] + f"\n... (cut at {MAX_DIFF_CHARS} characters)\n"
         command = shlex.join(["python", str(script), *sys.argv[1:]])
         return cls(str(script), command, version, diff)
 
