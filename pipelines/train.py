@@ -120,6 +120,35 @@ def newest_saved_checkpoint(cfg: Config, storage: str) -> tuple[str, dict] | Non
     return None
 
 
+# Ray Train's record of a run's checkpoints, in the run's folder (ray.train.v2 constants).
+RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
+
+
+def check_ray_record(cfg: Config, storage: str, newest: tuple[str, dict] | None) -> None:
+    """Ray refuses to resume a run whose record names a checkpoint that is gone (deleted to
+    go back to an earlier one, or lost), in a traceback that says to delete the whole run
+    folder. Say it in one line, with the fix that keeps the other checkpoints."""
+    from san import storage as st
+
+    run_dir = st.join(storage, cfg.run.name)
+    record = st.join(run_dir, RAY_CHECKPOINT_RECORD)
+    if not st.exists(record):
+        return
+    try:
+        results = json.loads(st.read_bytes(record)).get("checkpoint_results", [])
+        names = [r["checkpoint_dir_name"] for r in results]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return  # another Ray version's format: left to Ray
+    gone = [name for name in names if not st.exists(st.join(run_dir, name))]
+    if gone:
+        left = f"from {newest[0]}" if newest else "from step 0: no complete checkpoint is left"
+        raise UserError(
+            f"run {cfg.run.name!r} cannot resume: Ray's record {record} names "
+            f"{', '.join(gone)}, no longer in storage; put {'it' if len(gone) == 1 else 'them'} "
+            f"back, or delete that record to resume {left}"
+        )
+
+
 def check_resume_compatible(cfg: Config, newest: tuple[str, dict] | None) -> None:
     """A rerun resumes from the run's last checkpoint; refuse one whose weights cannot fit.
 
@@ -309,6 +338,7 @@ def train(cfg: Config) -> dict:
     preflight_data(cfg)
     check_services(cfg)
     newest = newest_saved_checkpoint(cfg, storage)
+    check_ray_record(cfg, storage, newest)
     check_resume_compatible(cfg, newest)
     say_if_finished(cfg, newest)
     init_ray()

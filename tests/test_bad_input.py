@@ -332,6 +332,34 @@ def test_rerunning_a_finished_run_says_so_and_names_settings_that_differ(
     assert train.newest_saved_checkpoint(load_config(TINY, ["run.name=new"]), storage) is None
 
 
+def test_a_checkpoint_gone_from_rays_record_is_one_line(good_checkpoint, tmp_path):
+    """Ray refused such a run folder in a traceback saying to delete the whole folder."""
+    import json
+    import shutil
+
+    from pipelines import train
+    from pipelines.common import UserError
+    from san.config import load_config
+
+    run_dir = tmp_path / "went-back"
+    shutil.copytree(good_checkpoint, run_dir / good_checkpoint.name)
+    record = run_dir / train.RAY_CHECKPOINT_RECORD
+    names = [good_checkpoint.name, "checkpoint_0000010"]  # the user deleted the newer one
+    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
+    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}))
+    cfg = load_config(TINY, ["run.name=went-back"])
+    newest = train.newest_saved_checkpoint(cfg, str(tmp_path))
+    with pytest.raises(UserError) as caught:
+        train.check_ray_record(cfg, str(tmp_path), newest)
+    assert str(caught.value) == (
+        f"run 'went-back' cannot resume: Ray's record {record} names checkpoint_0000010, no "
+        f"longer in storage; put it back, or delete that record to resume from "
+        f"{run_dir / good_checkpoint.name}"
+    )
+    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results[:1]}))
+    train.check_ray_record(cfg, str(tmp_path), newest)  # all there: nothing to say
+
+
 def _not_san(path: Path) -> str:
     path.mkdir()
     (path / "model.bin").write_bytes(b"weights")
