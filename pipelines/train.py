@@ -33,7 +33,7 @@ from pipelines.common import (  # noqa: E402
     resolve_storage,
     run_main,
 )
-from san.config import Config  # noqa: E402
+from san.config import Config, flatten  # noqa: E402
 
 log = logging.getLogger("san")
 
@@ -185,12 +185,7 @@ def say_if_finished(cfg: Config, newest: tuple[str, dict] | None) -> None:
     step = int(uri.rstrip("/").rsplit("_", 1)[1])
     if step < cfg.optim.max_steps:
         return
-    saved = {
-        f"{section}.{key}": value
-        for section, values in saved_config.items()
-        if isinstance(values, dict)
-        for key, value in values.items()
-    }
+    saved = flatten(saved_config)
     differ = [
         f"{key}={saved[key]!r} there, {value!r} here"
         for key, value in cfg.flat().items()

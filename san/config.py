@@ -226,11 +226,7 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Dotted `section.key -> value`, as logged to MLflow params."""
-        return {
-            f"{section}.{key}": value
-            for section, values in self.to_dict().items()
-            for key, value in values.items()
-        }
+        return flatten(self.to_dict())
 
 
 # Allowed values and ranges, checked by `validate`. Kept as data so the error
@@ -421,6 +417,18 @@ SECTION_TYPES: dict[str, type] = {
     "optim": OptimConfig,
     "run": RunConfig,
 }
+
+
+def flatten(sections: dict[str, Any]) -> dict[str, Any]:
+    """A nested config dict (`Config.to_dict`, or one saved with a checkpoint) as dotted
+    `section.key -> value`. Entries that are not sections are left out; nothing is
+    validated, so a config from an older version flattens too."""
+    return {
+        f"{section}.{key}": value
+        for section, values in sections.items()
+        if isinstance(values, dict)
+        for key, value in values.items()
+    }
 
 
 def from_dict(values: dict[str, Any]) -> Config:
