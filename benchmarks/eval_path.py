@@ -5,9 +5,11 @@
 Runs san.engine.evaluate the way pipelines/loop.py does (StreamDataset + eval
 transform + DataLoader, a streaming confusion matrix) over growing numbers of
 synthetic validation images, twice each: confusion matrix only, and as rank 0 runs it
-(plus overlay images and the linear-probe pixel sample). Peak memory is the resident
-set size sampled every 2 ms during the call, minus the RSS just before it: it must
-not grow with the number of images.
+(plus overlay images and the linear probe scored on every labelled pixel into a
+second confusion matrix). Peak memory is the resident set size sampled every 2 ms
+during the call, minus the RSS just before it: it must not grow with the number of
+images. It also times what the probe adds to each evaluation before the val pass: the
+forward pass over run.probe_images train images and the fit (`pipelines.loop.fit_probe`).
 
 With ../shared/data/camvid present it also evaluates the real CamVid val split end to
 end, as its JPEG folder and as raw-pixel shards, against the same batches already in
@@ -25,10 +27,11 @@ from pathlib import Path
 import torch
 from common import CAMVID, config, machine, median, parse_args, table, write_results
 
-from pipelines.loop import PROBE_PIXELS_PER_IMAGE, eval_classes, eval_loader
+from pipelines.loop import eval_classes, eval_loader, fit_probe
 from san.config import from_dict
 from san.data import FolderDataset, create_dataset, write_shards
 from san.engine import evaluate, seed_everything
+from san.metrics import LinearProbe
 from san.models import create_model
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -68,29 +71,45 @@ def run(model, cfg, n_images: int, rank0_extras: bool) -> dict:
     return run_source(model, cfg, create_dataset(cfg.data, cfg.data.val_split), rank0_extras)
 
 
-def run_source(model, cfg, source, rank0_extras: bool) -> dict:
+def rank0_extras(model, cfg, n_classes: int) -> dict:
+    """What rank 0 adds to evaluate(): pictures, and a probe to score (the scoring costs
+    the same whatever its weights, so a random one of the right shape stands in)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(n_classes, cfg.model.embed_dim, generator=generator)
+    return {"n_viz": cfg.run.n_viz_images, "probe": LinearProbe(weight, torch.zeros(n_classes))}
+
+
+def run_source(model, cfg, source, extras: bool) -> dict:
     """Evaluate `source` as run_evaluation does; img/s end to end and peak memory."""
     loader = eval_loader(cfg, source)
+    n_classes = eval_classes(cfg, source)
+    kwargs = rank0_extras(model, cfg, n_classes) if extras else {}
     start = time.perf_counter()
     with PeakRSS() as memory:
-        result = evaluate(
-            model,
-            loader,
-            eval_classes(cfg, source),
-            torch.device("cpu"),
-            n_viz=cfg.run.n_viz_images if rank0_extras else 0,
-            probe_pixels_per_image=PROBE_PIXELS_PER_IMAGE if rank0_extras else 0,
-        )
+        result = evaluate(model, loader, n_classes, torch.device("cpu"), **kwargs)
     elapsed = time.perf_counter() - start
     n_images = len(source)
     assert result.n_images == n_images
-    kept = sum(t.numel() * t.element_size() for t in result.probe_features + result.viz_images)
+    kept = sum(t.numel() * t.element_size() for t in result.viz_images)
     return {
         "img_s": n_images / elapsed,
         "peak_mib": (memory.peak - memory.start) / 2**20,
         "kept_mib": kept / 2**20,
-        "probe_images": len(result.probe_features),
     }
+
+
+def probe_fit_seconds(model, cfg, repeats: int) -> float:
+    """Median seconds `fit_probe` adds to an evaluation (train forward + fit), at
+    cfg.run.probe_images synthetic train images."""
+    values = cfg.to_dict()
+    values["data"]["synthetic_train_size"] = cfg.run.probe_images
+    cfg = from_dict(values)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fit_probe(model, cfg, cfg.data.synthetic_classes, torch.device("cpu"))
+        times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def forward_only(model, cfg, n: int) -> float:
@@ -110,7 +129,6 @@ def camvid_rows(model, cfg, repeats: int, work: Path) -> list[list]:
     and as local raw shards (`prepare_data.py --image-encoding raw`, written to `work`)."""
     records = list(FolderDataset(str(CAMVID), "val").iter_records())
     write_shards(records, str(work / "raw" / "val"), shard_size=256, image_encoding="raw")
-    extras = {"n_viz": cfg.run.n_viz_images, "probe_pixels_per_image": PROBE_PIXELS_PER_IMAGE}
     rows = []
     for dataset, root, what in (("folder", CAMVID, "JPEG"), ("shards", work / "raw", "raw")):
         values = cfg.to_dict()
@@ -118,11 +136,13 @@ def camvid_rows(model, cfg, repeats: int, work: Path) -> list[list]:
         real = from_dict(values)
         source = create_dataset(real.data, "val")
         loaded = list(eval_loader(real, source))
+        n_classes = eval_classes(real, source)
+        extras = rank0_extras(model, real, n_classes)
         end_to_end, in_memory = [], []
         for _ in range(repeats):
-            end_to_end.append(run_source(model, real, source, rank0_extras=True)["img_s"])
+            end_to_end.append(run_source(model, real, source, extras=True)["img_s"])
             start = time.perf_counter()
-            evaluate(model, loaded, eval_classes(real, source), torch.device("cpu"), **extras)
+            evaluate(model, loaded, n_classes, torch.device("cpu"), **extras)
             in_memory.append(len(source) / (time.perf_counter() - start))
         ratios = [e / m for e, m in zip(end_to_end, in_memory, strict=True)]
         name = f"CamVid val, {len(source)} images, {what} ({dataset}), {cfg.data.image_size}px"
@@ -153,24 +173,27 @@ def main() -> None:
                     res["img_s"],
                     res["peak_mib"],
                     res["kept_mib"],
-                    res["probe_images"],
                 ]
             )
             print(rows[-1], flush=True)
     ceiling = forward_only(model, cfg, 64)
+    probe_repeats = 1 if args.quick else 3
+    fit_s = probe_fit_seconds(model, cfg, probe_repeats)
     header = [
         "images",
         "what is kept",
         "img/s (end to end)",
         "peak RSS growth MiB",
         "kept tensors MiB",
-        "probe images",
     ]
     setup = (
         f"Model {cfg.model.encoder} + {cfg.model.vit} depth {cfg.model.vit_depth}, "
         f"{cfg.data.image_size}px, eval batch {cfg.optim.batch_size}, synthetic val images "
         f"generated on the fly (generation is part of the end-to-end rate), loader_workers 0 "
-        f"as in run_evaluation. Forward alone on a pre-made batch: {ceiling:.0f} img/s."
+        f"as in run_evaluation. Forward alone on a pre-made batch: {ceiling:.0f} img/s. "
+        f"The probe's fit before each evaluation (forward over run.probe_images="
+        f"{cfg.run.probe_images} train images, {cfg.run.probe_steps} Adam steps): "
+        f"{fit_s:.2f} s (median of {probe_repeats})."
     )
     sections = [("Setup", setup)]
     if CAMVID.is_dir():
@@ -190,8 +213,9 @@ def main() -> None:
 
 
 REAL_NOTES = """The real CamVid val split through run_evaluation's loader (`eval_loader`;
-confusion matrix, pictures and probe sample, as rank 0 evaluates): as its JPEG folder,
-and as local raw-pixel shards (what `prepare_data.py --image-encoding raw` writes),
+confusion matrix, pictures and the probe's confusion matrix, as rank 0 evaluates): as
+its JPEG folder, and as local raw-pixel shards (what `prepare_data.py --image-encoding
+raw` writes),
 against evaluate() on the same batches already in memory, in the same repeat. The ratio
 is the share of evaluation left once reading, decoding and resizing are counted (1 =
 they cost nothing). Images stay uint8 until evaluate() normalises them on its device.
@@ -200,9 +224,9 @@ they cost nothing). Images stay uint8 until evaluate() normalises them on its de
 NOTES = """
 Peak RSS growth is measured in this process around each evaluate() call (sampled
 every 2 ms), relative to the RSS just before it; it includes the DataLoader and
-the batch being processed, which do not depend on the number of images. The
-linear-probe sample is capped at san.engine.PROBE_MAX_IMAGES images (1024 by
-default, 64 pixels each), so evaluation memory is bounded on any dataset size.
+the batch being processed, which do not depend on the number of images. The linear
+probe adds a second confusion matrix, and its fit holds run.probe_images x 64 pixel
+embeddings, whatever the size of either split.
 """
 
 

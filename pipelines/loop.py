@@ -36,10 +36,12 @@ from san.data import (
     train_pair_transform,
 )
 from san.data.transforms import denormalize
-from san.engine import Trainer, apply_memory_format, evaluate, seed_everything
+from san.engine import Trainer, apply_memory_format, evaluate, probe_pixels, seed_everything
 from san.metrics import (
+    LinearProbe,
+    fit_linear_probe,
     hungarian_match,
-    linear_probe,
+    probe_scores,
     random_assignment_scores,
     scalar_metrics,
     segmentation_scores,
@@ -152,6 +154,53 @@ def report_checkpoint(
         raise
 
 
+def fit_probe(
+    model: torch.nn.Module, cfg: Config, n_classes: int, device: torch.device, rank: int = 0
+) -> LinearProbe | None:
+    """The linear probe for this evaluation (None with run.probe_steps=0), on every rank.
+
+    Rank 0 fits it on run.probe_images images of the train split (a fixed sample: the
+    split's epoch-0 order for run.seed) and gives it to the other ranks, which score it on
+    their part of val.
+    """
+    if not cfg.run.probe_steps:
+        return None
+    probe = None
+    if rank == 0:
+        source = create_dataset(cfg.data, cfg.data.train_split)
+        source.on_bad = SkipBad(cfg.data.max_bad_samples)
+        stream = StreamDataset(
+            source, eval_sample_transform(cfg.data), seed=cfg.run.seed, loop=False
+        )
+        feats, labels = probe_pixels(
+            model,
+            DataLoader(stream, batch_size=cfg.optim.batch_size, num_workers=0),
+            device,
+            precision=cfg.optim.precision,
+            per_image=PROBE_PIXELS_PER_IMAGE,
+            max_images=cfg.run.probe_images,
+            seed=cfg.run.seed,
+        )
+        if labels.numel() == 0:
+            raise DataError(
+                f"the linear probe (run.probe_steps={cfg.run.probe_steps}) fits on labelled "
+                f"pixels of split {cfg.data.train_split!r}, but its first "
+                f"{cfg.run.probe_images} images have none; give that split labels or set "
+                "run.probe_steps=0"
+            )
+        try:
+            probe = fit_linear_probe(
+                feats, labels, n_classes, steps=cfg.run.probe_steps, seed=cfg.run.seed
+            )
+        except ValueError as exc:  # a train label outside the val split's classes
+            raise DataError(f"linear probe on split {cfg.data.train_split!r}: {exc}") from None
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shipped = [probe.to("cpu") if probe is not None else None]
+        dist.broadcast_object_list(shipped, src=0)
+        probe = shipped[0]
+    return probe
+
+
 def run_evaluation(
     model: torch.nn.Module,
     cfg: Config,
@@ -162,13 +211,13 @@ def run_evaluation(
 ) -> Evaluation:
     """Evaluate on the val split: each rank streams its part, confusion matrices are summed.
 
-    Scores, the random-assignment floor, the linear probe and pictures come from
-    rank 0 (the probe uses rank 0's labelled pixels: half of its images to fit, the
-    other half to score).
+    Scores, the random-assignment floor and pictures come from rank 0. The linear probe
+    (`fit_probe`, fitted on train-split labels) is scored on every rank's part of val.
     """
     source = create_dataset(cfg.data, cfg.data.val_split)
     source.on_bad = SkipBad(cfg.data.max_bad_samples)
     n_classes = eval_classes(cfg, source)
+    probe = fit_probe(model, cfg, n_classes, device, rank)
     loader = eval_loader(cfg, source, rank, world_size)
     is_main = rank == 0
     max_images = math.ceil(cfg.data.max_val_images / world_size) if cfg.data.max_val_images else 0
@@ -179,13 +228,15 @@ def run_evaluation(
         device,
         precision=cfg.optim.precision,
         n_viz=cfg.run.n_viz_images if is_main and pictures else 0,
-        probe_pixels_per_image=PROBE_PIXELS_PER_IMAGE if is_main and cfg.run.probe_steps else 0,
         max_images=max_images,
+        probe=probe,
     )
     matrix = result.confusion.matrix
     val_skipped = _sum_over_ranks(source.on_bad.count, device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(matrix)
+        if result.probe_confusion is not None:
+            dist.all_reduce(result.probe_confusion.matrix)
     if not is_main or int(matrix.sum()) == 0:
         return Evaluation()
     scores = segmentation_scores(matrix, class_names=source.class_names)
@@ -199,20 +250,8 @@ def run_evaluation(
     metrics["random_miou"] = floor["miou"]
     metrics["random_pixel_accuracy"] = floor["pixel_accuracy"]
     metrics["val_bad_samples_skipped"] = val_skipped
-    if len(result.probe_features) >= 2:
-        half = len(result.probe_features) // 2
-        feats, labels = result.probe_features, result.probe_labels
-        metrics.update(
-            linear_probe(
-                torch.cat(feats[:half]),
-                torch.cat(labels[:half]),
-                torch.cat(feats[half:]),
-                torch.cat(labels[half:]),
-                n_classes,
-                steps=cfg.run.probe_steps,
-                seed=cfg.run.seed,
-            )
-        )
+    if result.probe_confusion is not None:
+        metrics.update(probe_scores(result.probe_confusion))
     evaluation = Evaluation(metrics=metrics, scores=scores)
     if result.viz_images:
         evaluation.pictures["overlay.png"] = overlay_panel(

@@ -60,24 +60,36 @@ def preflight_data(cfg: Config) -> None:
     """Fail in one line, before Ray starts, when the data cannot feed this run.
 
     Builds both splits (missing or empty folders fail here) and decodes a few samples of
-    each, checking label sizes and that class ids lie in 0..n_classes-1 or are 255.
+    each, checking label sizes and that class ids lie in 0..n_classes-1 or are 255: the
+    val split's, and the train split's when the linear probe fits on them
+    (run.probe_steps > 0), which then must have labels.
     """
     from pipelines.loop import eval_classes
     from san.data import DataError, create_dataset
 
+    probe_fits_on_train = bool(cfg.run.probe_steps)
     try:
-        for split in dict.fromkeys((cfg.data.train_split, cfg.data.val_split)):
-            source = create_dataset(cfg.data, split)
+        splits = dict.fromkeys((cfg.data.train_split, cfg.data.val_split))
+        sources = {split: create_dataset(cfg.data, split) for split in splits}
+        n_classes = eval_classes(cfg, sources[cfg.data.val_split])
+        for split, source in sources.items():
             if len(source) == 0:
                 raise DataError(
                     f"{cfg.data.dataset} data at {cfg.data.root!r} split {split!r} is empty"
                 )
-            n_classes = eval_classes(cfg, source) if split == cfg.data.val_split else None
-            for sample in _spread_samples(source, PREFLIGHT_SAMPLES):
-                label = sample.get("label")
-                if n_classes is None or label is None:
-                    continue
-                ids = label.unique()
+            samples = list(_spread_samples(source, PREFLIGHT_SAMPLES))
+            if split != cfg.data.val_split and not probe_fits_on_train:
+                continue  # decoded for their sizes; their labels are never used
+            labelled = [sample for sample in samples if sample.get("label") is not None]
+            if not labelled and split != cfg.data.val_split:
+                raise DataError(
+                    f"the linear probe (run.probe_steps={cfg.run.probe_steps}) fits on "
+                    f"labels of split {split!r}, but {cfg.data.dataset} data at "
+                    f"{cfg.data.root!r} has none there; give that split labels or set "
+                    "run.probe_steps=0"
+                )
+            for sample in labelled:
+                ids = sample["label"].unique()
                 bad = ids[(ids >= n_classes) & (ids != 255)]
                 if len(bad):
                     raise DataError(

@@ -209,8 +209,15 @@ class RunConfig:
     max_failures: int = 1
     # Fixed validation images drawn as overlay panels at each evaluation.
     n_viz_images: int = 4
-    # Linear-probe steps at evaluation (0 disables the probe).
+    # The linear probe, STEGO's second number: at each evaluation a linear layer is fitted
+    # on frozen pixel embeddings of labelled train-split images (data.train_split, whose
+    # labels training never sees) and scored on every labelled val pixel. Adam steps of
+    # the fit; 0 disables the probe (then the train split needs no labels).
     probe_steps: int = 100
+    # Train images the probe is fitted on (64 random labelled pixels each), a fixed
+    # random sample (run.seed) of the split: every evaluation of a run uses the same
+    # images. Costs a forward pass over them per evaluation.
+    probe_images: int = 256
 
 
 @dataclass
@@ -286,6 +293,7 @@ RANGES: dict[str, tuple[float, float | None, bool]] = {
     "run.max_failures": (0, None, True),
     "run.n_viz_images": (0, None, True),
     "run.probe_steps": (0, None, True),
+    "run.probe_images": (1, None, True),
 }
 
 

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from san.config import Config, OptimConfig
 from san.data.transforms import finish_views
 from san.losses import SANLoss
-from san.metrics import ConfusionMatrix
+from san.metrics import ConfusionMatrix, LinearProbe
 
 log = logging.getLogger("san")
 
@@ -279,20 +279,42 @@ def _floats(terms: dict[str, torch.Tensor]) -> dict[str, float]:
 
 @dataclass
 class EvalResult:
-    """What one process saw during evaluation; `confusion` must be summed across processes."""
+    """What one process saw during evaluation; the confusion matrices must be summed
+    across processes."""
 
     confusion: ConfusionMatrix
+    # The linear probe's predictions against the labels ([n_classes, n_classes]), when
+    # evaluate() was given a probe.
+    probe_confusion: ConfusionMatrix | None = None
     n_images: int = 0
     viz_images: list[torch.Tensor] = field(default_factory=list)
     viz_preds: list[torch.Tensor] = field(default_factory=list)
     viz_labels: list[torch.Tensor] = field(default_factory=list)
-    probe_features: list[torch.Tensor] = field(default_factory=list)
-    probe_labels: list[torch.Tensor] = field(default_factory=list)
 
 
-# The linear probe's sample is taken from at most this many images (64 pixels each by
-# default): enough to fit a linear layer, and a fixed memory cost on any dataset size.
-PROBE_MAX_IMAGES = 1024
+def _eval_batches(batches: Iterable[dict], device: torch.device, max_images: int):
+    """(normalised images, long labels) on `device`, at most `max_images` images (0: all)."""
+    seen = 0
+    for batch in batches:
+        images = batch["image"].to(device, non_blocking=True)
+        if images.dtype == torch.uint8:  # from the loader; float batches come normalised
+            images = finish_views(images, jitter=None)
+        labels = batch["label"].to(device, non_blocking=True).long()
+        if max_images:
+            keep = max_images - seen
+            if keep <= 0:
+                return
+            images, labels = images[:keep], labels[:keep]
+        seen += images.shape[0]
+        yield images, labels
+
+
+def _upsampled_argmax(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """Per-pixel class/cluster at the label's resolution (bilinear logits, as STEGO)."""
+    logits = torch.nn.functional.interpolate(
+        logits.float(), size=size, mode="bilinear", align_corners=False
+    )
+    return logits.argmax(dim=1)
 
 
 @torch.no_grad()
@@ -303,66 +325,70 @@ def evaluate(
     device: torch.device,
     precision: str = "none",
     n_viz: int = 0,
-    probe_pixels_per_image: int = 0,
     max_images: int = 0,
-    probe_max_images: int = PROBE_MAX_IMAGES,
+    probe: LinearProbe | None = None,
 ) -> EvalResult:
     """Stream batches through the model into a confusion matrix (never all predictions).
 
     A batch's "image" is uint8 B x 3 x S x S from `eval_sample_transform` (normalised
     here, on `device`) or already-normalised float; "label" holds class ids (255: ignore).
 
-    Also keeps the first `n_viz` images for pictures and a small random sample of
-    labelled pixel embeddings per image for the linear probe, from at most
-    `probe_max_images` images, so memory stays flat however many images are evaluated.
+    Also keeps the first `n_viz` images for pictures and, given a fitted `probe`, scores
+    its predictions on every labelled pixel into a second confusion matrix, so memory
+    stays flat however many images are evaluated.
     """
     model.eval()
     result = EvalResult(ConfusionMatrix(model.n_clusters, n_classes, device=device))
-    generator = torch.Generator().manual_seed(0)
-    for batch in batches:
-        images = batch["image"].to(device, non_blocking=True)
-        if images.dtype == torch.uint8:  # from the loader; float batches come normalised
-            images = finish_views(images, jitter=None)
-        labels = batch["label"].to(device, non_blocking=True).long()
-        if max_images:
-            keep = max_images - result.n_images
-            if keep <= 0:
-                break
-            images, labels = images[:keep], labels[:keep]
+    if probe is not None:
+        probe = probe.to(device)
+        result.probe_confusion = ConfusionMatrix(probe.n_classes, n_classes, device=device)
+    for images, labels in _eval_batches(batches, device, max_images):
         with autocast(device, precision):
             outputs = model(images)
-        logits = torch.nn.functional.interpolate(
-            outputs["logits"].float(), size=images.shape[-2:], mode="bilinear", align_corners=False
-        )
-        preds = logits.argmax(dim=1)
+        preds = _upsampled_argmax(outputs["logits"], images.shape[-2:])
         result.confusion.update(preds, labels)
+        if probe is not None:
+            probe_preds = _upsampled_argmax(probe.dense(outputs["z"]), images.shape[-2:])
+            result.probe_confusion.update(probe_preds, labels)
         result.n_images += images.shape[0]
         if len(result.viz_images) < n_viz:
             take = n_viz - len(result.viz_images)
             result.viz_images.extend(images[:take].cpu())
             result.viz_preds.extend(preds[:take].cpu())
             result.viz_labels.extend(labels[:take].cpu())
-        if probe_pixels_per_image and len(result.probe_features) < probe_max_images:
-            _sample_probe_pixels(
-                outputs["z"].float(), labels, probe_pixels_per_image, generator, result
-            )
     return result
 
 
-def _sample_probe_pixels(
-    z: torch.Tensor, labels: torch.Tensor, per_image: int, generator: torch.Generator, result
-) -> None:
-    """Labelled pixel embeddings at the embedding resolution (labels sampled nearest)."""
-    small = torch.nn.functional.interpolate(
-        labels[:, None].float(), size=z.shape[-2:], mode="nearest"
-    )
-    small = small[:, 0].long()
-    for feats, lab in zip(z.cpu(), small.cpu(), strict=True):
-        flat_feats = feats.flatten(1).T
-        flat_lab = lab.flatten()
-        valid = (flat_lab != 255).nonzero().squeeze(1)
-        if valid.numel() == 0:
-            continue
-        pick = valid[torch.randperm(valid.numel(), generator=generator)[:per_image]]
-        result.probe_features.append(flat_feats[pick])
-        result.probe_labels.append(flat_lab[pick])
+@torch.no_grad()
+def probe_pixels(
+    model: nn.Module,
+    batches: Iterable[dict],
+    device: torch.device,
+    precision: str = "none",
+    per_image: int = 64,
+    max_images: int = 256,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear probe's fitting sample: `per_image` random labelled pixel embeddings
+    (float32 [N, D]) and their class ids ([N]) from each of the first `max_images` images
+    of `batches` (batches as `evaluate` takes them). Embeddings are taken at their own
+    resolution, labels sampled nearest; images without labelled pixels give none."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    feats: list[torch.Tensor] = []
+    labels_out: list[torch.Tensor] = []
+    for images, labels in _eval_batches(batches, device, max_images):
+        with autocast(device, precision):
+            z = model(images)["z"].float()
+        small = torch.nn.functional.interpolate(
+            labels[:, None].float(), size=z.shape[-2:], mode="nearest"
+        )[:, 0].long()
+        for image_feats, lab in zip(z.cpu(), small.cpu(), strict=True):
+            flat_lab = lab.flatten()
+            valid = (flat_lab != 255).nonzero().squeeze(1)
+            pick = valid[torch.randperm(valid.numel(), generator=generator)[:per_image]]
+            feats.append(image_feats.flatten(1).T[pick])
+            labels_out.append(flat_lab[pick])
+    if not feats:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels_out)

@@ -5,7 +5,8 @@ streaming confusion matrix on the device (`ConfusionMatrix`, via `torch.bincount
 Clusters carry no class names, so the summed matrix is matched to classes
 (Hungarian one-to-one when K <= C, many-to-one majority when over-clustering) and
 pixel accuracy / mIoU are read off the matched matrix (`segmentation_scores`).
-The second number is a linear probe on frozen pixel embeddings (`linear_probe`).
+The second number is a linear probe on frozen pixel embeddings (`fit_linear_probe`),
+fitted on train pixels and scored on val through a confusion matrix of its own.
 
 Everything returned for logging is plain Python (floats, lists) so it can be
 JSON-dumped or sent to MLflow as is.
@@ -232,9 +233,56 @@ def random_assignment_scores(
     return segmentation_scores(simulated)
 
 
-@torch.no_grad()
-def _standardise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    return (x.float() - mean) / std
+class LinearProbe:
+    """A fitted linear probe: class logits from pixel embeddings, the train features'
+    standardisation folded into its weights, so it applies to raw embeddings as they come.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight = weight  # [n_classes, D]
+        self.bias = bias  # [n_classes]
+
+    @property
+    def n_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def to(self, device: torch.device | str) -> LinearProbe:
+        return LinearProbe(self.weight.to(device), self.bias.to(device))
+
+    @torch.no_grad()
+    def __call__(self, feats: Tensor) -> Tensor:
+        """[N, D] -> [N, n_classes] logits."""
+        return torch.addmm(self.bias, feats.float(), self.weight.T)
+
+    @torch.no_grad()
+    def dense(self, z: Tensor) -> Tensor:
+        """Embedding maps [B, D, h, w] -> class logits [B, n_classes, h, w]."""
+        logits = torch.einsum("cd,bdhw->bchw", self.weight, z.float())
+        return logits + self.bias[None, :, None, None]
+
+
+def fit_linear_probe(
+    feats: Tensor,
+    labels: Tensor,
+    n_classes: int,
+    steps: int = 100,
+    lr: float = 0.1,
+    seed: int = 0,
+    ignore_index: int = IGNORE_INDEX,
+    batch_size: int | None = None,
+) -> LinearProbe:
+    """STEGO's second number, fitted: how linearly readable the frozen pixel embeddings are.
+
+    Multinomial logistic regression on standardised features, trained with Adam for
+    `steps` steps, full batch by default or on random mini-batches of `batch_size`
+    pixels. Pixels labelled `ignore_index` are dropped; the caller subsamples pixels to
+    what fits in memory. Deterministic for a given `seed`.
+    """
+    # Callers often evaluate under inference_mode/no_grad; the fit needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit_linear_probe(
+            feats, labels, n_classes, steps, lr, seed, ignore_index, batch_size
+        )
 
 
 def linear_probe(
@@ -249,97 +297,88 @@ def linear_probe(
     ignore_index: int = IGNORE_INDEX,
     batch_size: int | None = None,
 ) -> dict[str, float]:
-    """STEGO's second number: how linearly readable the frozen pixel embeddings are.
+    """`fit_linear_probe` on the train pixels, scored on the val pixels through the same
+    confusion-matrix code with the identity mapping."""
+    probe = fit_linear_probe(
+        train_feats, train_labels, n_classes, steps, lr, seed, ignore_index, batch_size
+    )
+    x_val, y_val = _labelled(val_feats, val_labels, n_classes, ignore_index, "val")
+    device = probe.weight.device
+    cm = ConfusionMatrix(n_classes, n_classes, ignore_index, device)
+    for start in range(0, x_val.shape[0], 65536):
+        chunk = x_val[start : start + 65536].to(device)
+        cm.update(probe(chunk).argmax(dim=1), y_val[start : start + 65536].to(device))
+    return probe_scores(cm)
 
-    Multinomial logistic regression on standardised features (train statistics),
-    trained with Adam for `steps` steps, full batch by default or on random
-    mini-batches of `batch_size` pixels. Pixels labelled `ignore_index` are dropped.
-    The caller subsamples pixels to what fits in memory. Scored on val through the
-    same confusion-matrix code with the identity mapping.
-    """
-    # Callers often evaluate under inference_mode/no_grad; the probe needs autograd.
-    with torch.inference_mode(False), torch.enable_grad():
-        return _linear_probe(
-            train_feats,
-            train_labels,
-            val_feats,
-            val_labels,
-            n_classes,
-            steps,
-            lr,
-            seed,
-            ignore_index,
-            batch_size,
+
+def probe_scores(matrix: np.ndarray | Tensor | ConfusionMatrix) -> dict[str, float]:
+    """Pixel accuracy and mIoU of a probe's [n_classes, n_classes] confusion matrix."""
+    scores = segmentation_scores(matrix, mapping=np.arange(_as_numpy(matrix).shape[0]))
+    return {"probe_pixel_accuracy": scores["pixel_accuracy"], "probe_miou": scores["miou"]}
+
+
+def _labelled(
+    feats: Tensor, labels: Tensor, n_classes: int, ignore_index: int, name: str
+) -> tuple[Tensor, Tensor]:
+    """The labelled rows of [N, D] feats and [N] labels; a one-line error for bad input."""
+    if feats.ndim != 2 or labels.shape != feats.shape[:1]:
+        raise ValueError(
+            f"{name}: expected feats [N, D] and labels [N], got "
+            f"{tuple(feats.shape)} and {tuple(labels.shape)}"
         )
+    labels = labels.to(device=feats.device, dtype=torch.int64)
+    keep = labels != ignore_index
+    # clone(): inputs made under inference_mode cannot be saved for backward.
+    feats, labels = feats.detach()[keep].float().clone(), labels[keep]
+    bad = labels[(labels < 0) | (labels >= n_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"{name}: label id {int(bad[0])} is out of range: allowed 0..{n_classes - 1} "
+            f"or ignore_index={ignore_index}"
+        )
+    return feats, labels
 
 
-def _linear_probe(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    val_feats: Tensor,
-    val_labels: Tensor,
+def _fit_linear_probe(
+    feats: Tensor,
+    labels: Tensor,
     n_classes: int,
     steps: int,
     lr: float,
     seed: int,
     ignore_index: int,
     batch_size: int | None,
-) -> dict[str, float]:
-    device = train_feats.device
+) -> LinearProbe:
+    device = feats.device
     generator = torch.Generator(device="cpu").manual_seed(seed)
-
-    def labelled(feats: Tensor, labels: Tensor, name: str) -> tuple[Tensor, Tensor]:
-        if feats.ndim != 2 or labels.shape != feats.shape[:1]:
-            raise ValueError(
-                f"{name}: expected feats [N, D] and labels [N], got "
-                f"{tuple(feats.shape)} and {tuple(labels.shape)}"
-            )
-        labels = labels.to(device=device, dtype=torch.int64)
-        keep = labels != ignore_index
-        # clone(): inputs made under inference_mode cannot be saved for backward.
-        feats, labels = feats.detach().to(device)[keep].clone(), labels[keep]
-        bad = labels[(labels < 0) | (labels >= n_classes)]
-        if bad.numel():
-            raise ValueError(
-                f"{name}: label id {int(bad[0])} is out of range: allowed 0..{n_classes - 1} "
-                f"or ignore_index={ignore_index}"
-            )
-        return feats, labels
-
-    x_train, y_train = labelled(train_feats, train_labels, "train")
-    x_val, y_val = labelled(val_feats, val_labels, "val")
-    if x_train.shape[0] == 0:
+    x, y = _labelled(feats, labels, n_classes, ignore_index, "train")
+    if x.shape[0] == 0:
         raise ValueError("linear_probe: no labelled training pixels")
+    mean = x.mean(dim=0)
+    std = x.std(dim=0).clamp_min(1e-6) if x.shape[0] > 1 else torch.ones_like(mean)
+    x = (x - mean) / std
 
-    mean = x_train.float().mean(dim=0)
-    std = x_train.float().std(dim=0).clamp_min(1e-6)
-    x_train = _standardise(x_train, mean, std)
-    x_val = _standardise(x_val, mean, std)
-
-    probe = torch.nn.Linear(x_train.shape[1], n_classes)
+    layer = torch.nn.Linear(x.shape[1], n_classes)
     with torch.no_grad():
-        bound = 1.0 / x_train.shape[1] ** 0.5
-        init = torch.empty_like(probe.weight).uniform_(-bound, bound, generator=generator)
-        probe.weight.copy_(init)
-        probe.bias.zero_()
-    probe = probe.to(device)
-    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
-    n = x_train.shape[0]
+        bound = 1.0 / x.shape[1] ** 0.5
+        init = torch.empty_like(layer.weight).uniform_(-bound, bound, generator=generator)
+        layer.weight.copy_(init)
+        layer.bias.zero_()
+    layer = layer.to(device)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
+    n = x.shape[0]
     for _ in range(steps):
         if batch_size is None or batch_size >= n:
-            xb, yb = x_train, y_train
+            xb, yb = x, y
         else:
             idx = torch.randint(0, n, (batch_size,), generator=generator).to(device)
-            xb, yb = x_train[idx], y_train[idx]
-        loss = torch.nn.functional.cross_entropy(probe(xb), yb)
+            xb, yb = x[idx], y[idx]
+        loss = torch.nn.functional.cross_entropy(layer(xb), yb)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-
-    cm = ConfusionMatrix(n_classes, n_classes, ignore_index, device)
     with torch.no_grad():
-        for start in range(0, x_val.shape[0], 65536):
-            chunk = x_val[start : start + 65536]
-            cm.update(probe(chunk).argmax(dim=1), y_val[start : start + 65536])
-    scores = segmentation_scores(cm, mapping=np.arange(n_classes))
-    return {"probe_pixel_accuracy": scores["pixel_accuracy"], "probe_miou": scores["miou"]}
+        # W (x - m) / s + b == (W / s) x + (b - (W / s) m)
+        weight = layer.weight / std
+        bias = layer.bias - weight @ mean
+    return LinearProbe(weight.detach(), bias.detach())

@@ -128,6 +128,16 @@ def _out_of_range_label(root: Path) -> None:
     (root / "val" / "labels" / "img0.png").write_bytes(encode_png(label))
 
 
+def _unlabelled_train(root: Path) -> None:
+    for path in (root / "train" / "labels").iterdir():
+        path.unlink()
+
+
+def _out_of_range_train_label(root: Path) -> None:
+    label = np.full((32, 32), 7, dtype=np.uint8)
+    (root / "train" / "labels" / "img0.png").write_bytes(encode_png(label))
+
+
 def _empty(root: Path) -> None:
     for path in (root / "train" / "images").iterdir():
         path.unlink()
@@ -141,8 +151,18 @@ def _empty(root: Path) -> None:
         (_corrupt_image, "image 'img1' could not be decoded"),
         (_mis_sized_label, "label 'img2' is 16x16 but its image is 32x32"),
         (_out_of_range_label, "label 'img0' in split 'val' has class id 7; allowed 0..2"),
+        (_out_of_range_train_label, "label 'img0' in split 'train' has class id 7"),
+        (_unlabelled_train, "linear probe (run.probe_steps=20) fits on labels of split 'train'"),
     ],
-    ids=["missing-path", "empty", "corrupt-image", "label-size", "class-id-range"],
+    ids=[
+        "missing-path",
+        "empty",
+        "corrupt-image",
+        "label-size",
+        "class-id-range",
+        "train-class-id-range",
+        "probe-without-train-labels",
+    ],
 )
 def test_bad_data(clean_env, tmp_path, monkeypatch, capsys, damage, expected):
     root = tmp_path / "data"
@@ -153,6 +173,21 @@ def test_bad_data(clean_env, tmp_path, monkeypatch, capsys, damage, expected):
     assert_one_line_error(code, err, expected)
     assert_nothing_left(clean_env)
     assert not clean_env["storage"].exists()  # data is checked before storage is touched
+
+
+def test_train_labels_are_needed_only_by_the_probe(tmp_path):
+    """Unsupervised training never reads train labels: without the probe, an unlabelled
+    (or differently labelled) train split passes the pre-flight."""
+    from pipelines.train import preflight_data
+    from san.config import load_config
+
+    root = tmp_path / "data"
+    _unlabelled_train(write_folder(root))
+    overrides = ["data.dataset=folder", f"data.root={root}", "data.image_size=32"]
+    preflight_data(load_config(TINY, [*overrides, "run.probe_steps=0"]))
+    _out_of_range_train_label(write_folder(tmp_path / "other"))
+    overrides[1] = f"data.root={tmp_path / 'other'}"
+    preflight_data(load_config(TINY, [*overrides, "run.probe_steps=0"]))
 
 
 def test_sweep_checks_its_data_before_ray(clean_env, tmp_path, monkeypatch, capsys):

@@ -18,7 +18,8 @@ import torch
 from san import engine
 from san.config import load_config
 from san.data.transforms import jitter_params, normalize
-from san.engine import Trainer, evaluate, finished_views
+from san.engine import Trainer, evaluate, finished_views, probe_pixels
+from san.metrics import ConfusionMatrix, LinearProbe
 from san.models import create_model
 
 TINY = [
@@ -344,20 +345,53 @@ def check_compiled_training(trainer: Trainer) -> None:
 
 
 def test_probe_sample_is_bounded():
-    """Evaluation memory must not grow with the number of images: the probe sample is capped."""
+    """The probe's fitting sample has a fixed size whatever the split's: per_image labelled
+    pixels from each of the first max_images images, none from an unlabelled one."""
     cfg = load_config(None, TINY)
     model = create_model(cfg)
     model.train()
     model(torch.randn(2, 3, 32, 32))  # sets the running centres
+    labels = torch.randint(0, 3, (10, 32, 32))
+    labels[1] = 255  # no labelled pixel: contributes nothing
     batches = [
-        {"image": torch.randn(2, 3, 32, 32), "label": torch.randint(0, 3, (2, 32, 32))}
-        for _ in range(5)
+        {"image": torch.randn(2, 3, 32, 32), "label": labels[i : i + 2]} for i in range(0, 10, 2)
     ]
-    result = evaluate(
-        model, batches, 3, torch.device("cpu"), probe_pixels_per_image=8, probe_max_images=4
+    feats, ids = probe_pixels(model, batches, torch.device("cpu"), per_image=8, max_images=4)
+    assert feats.shape == (3 * 8, cfg.model.embed_dim) and feats.dtype == torch.float32
+    assert ids.shape == (3 * 8,) and set(ids.tolist()) <= {0, 1, 2}
+    again = probe_pixels(model, batches, torch.device("cpu"), per_image=8, max_images=4)
+    assert torch.equal(feats, again[0]) and torch.equal(ids, again[1])  # seeded
+
+
+def test_evaluate_scores_the_probe_on_every_labelled_pixel():
+    """The probe's confusion matrix counts every labelled val pixel once, its prediction
+    being the probe's logits on the embedding map, upsampled as the clusters' are."""
+    cfg = load_config(None, TINY)
+    model = create_model(cfg)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 3, (4, 32, 32), generator=generator)
+    labels[:, :4] = 255
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    batches = [{"image": images[i : i + 2], "label": labels[i : i + 2]} for i in (0, 2)]
+    weight = torch.randn(3, cfg.model.embed_dim, generator=generator)
+    probe = LinearProbe(weight, torch.zeros(3))
+    result = evaluate(model, batches, 3, torch.device("cpu"), probe=probe)
+    assert int(result.probe_confusion.matrix.sum()) == int((labels != 255).sum())
+    model.eval()
+    with torch.no_grad():
+        z = model(images)["z"]
+    logits = torch.nn.functional.interpolate(
+        probe.dense(z), size=(32, 32), mode="bilinear", align_corners=False
     )
-    assert result.n_images == 10
-    assert len(result.probe_features) == 4
+    expected = ConfusionMatrix(3, 3)
+    expected.update(logits.argmax(dim=1), labels)
+    assert torch.equal(result.probe_confusion.matrix, expected.matrix)
+    # A probe that always says class 2 puts every pixel in row 2.
+    constant = LinearProbe(torch.zeros(3, cfg.model.embed_dim), torch.tensor([0.0, 0.0, 1.0]))
+    rows = evaluate(model, batches, 3, torch.device("cpu"), probe=constant).probe_confusion
+    assert int(rows.matrix[2].sum()) == int((labels != 255).sum())
 
 
 def test_evaluate_normalises_the_loaders_uint8_images_as_pre_normalised_ones():
@@ -375,14 +409,15 @@ def test_evaluate_normalises_the_loaders_uint8_images_as_pre_normalised_ones():
         for _ in range(3)
     ]  # fmt: skip
     ready = [{"image": normalize_batch(b["image"]), "label": b["label"].long()} for b in loader]
-    kept = {"n_viz": 2, "probe_pixels_per_image": 8}
+    probe = LinearProbe(torch.randn(3, cfg.model.embed_dim, generator=generator), torch.zeros(3))
+    kept = {"n_viz": 2, "probe": probe}
     from_loader = evaluate(model, loader, 3, torch.device("cpu"), **kept)
     normalised = evaluate(model, ready, 3, torch.device("cpu"), **kept)
     assert from_loader.n_images == 6 and int(from_loader.confusion.matrix.sum()) == 6 * 32 * 32
     assert torch.equal(from_loader.confusion.matrix, normalised.confusion.matrix)
     assert torch.equal(from_loader.viz_images[0], normalised.viz_images[0])
     assert from_loader.viz_images[0].dtype == torch.float32
-    assert torch.equal(from_loader.probe_features[0], normalised.probe_features[0])
+    assert torch.equal(from_loader.probe_confusion.matrix, normalised.probe_confusion.matrix)
 
 
 def normalize_batch(images: torch.Tensor) -> torch.Tensor:

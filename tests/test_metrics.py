@@ -6,6 +6,7 @@ import torch
 
 from san.metrics import (
     ConfusionMatrix,
+    fit_linear_probe,
     hungarian_match,
     linear_probe,
     majority_match,
@@ -196,3 +197,20 @@ def test_linear_probe_rejects_bad_labels() -> None:
     x = torch.randn(10, 3)
     with pytest.raises(ValueError, match="label id 7"):
         linear_probe(x, torch.full((10,), 7), x, torch.zeros(10, dtype=torch.long), n_classes=3)
+
+
+def test_fitted_probe_reads_raw_embeddings_with_its_standardisation_folded_in() -> None:
+    """The probe is fitted on standardised features but applied to raw embeddings (a whole
+    map at a time in evaluation): far-off, badly scaled features must read the same."""
+    gen = torch.Generator().manual_seed(5)
+    feats, labels = _blobs(2000, gen)
+    shifted = feats * torch.tensor([50.0, 0.01, 3.0, 1.0]) + 1000.0
+    probe = fit_linear_probe(shifted, labels, n_classes=3)
+    plain = fit_linear_probe(feats, labels, n_classes=3)
+    assert (probe(shifted).argmax(dim=1) == labels).float().mean() > 0.95
+    assert torch.equal(probe(shifted).argmax(dim=1), plain(feats).argmax(dim=1))
+    # dense() on a [B, D, h, w] map is __call__ on each pixel's [D] embedding.
+    maps = shifted[:24].reshape(2, 3, 4, 4).permute(0, 3, 1, 2)
+    per_pixel = probe(maps.permute(0, 2, 3, 1).reshape(-1, 4)).reshape(2, 3, 4, 3)
+    torch.testing.assert_close(probe.dense(maps), per_pixel.permute(0, 3, 1, 2))
+    assert probe.n_classes == 3 and probe.weight.shape == (3, 4)

@@ -2,11 +2,12 @@
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipelines.loop import PROBE_METRICS, REPORTED_METRICS, run_evaluation
 from san.config import load_config
-from san.data import PairLoader, StreamDataset, create_dataset, train_pair_transform
+from san.data import PairLoader, StreamDataset, create_dataset, encode_png, train_pair_transform
 from san.engine import Trainer, seed_everything
 from san.models import create_model
 
@@ -59,3 +60,39 @@ def test_one_to_one_miou_compares_cluster_counts():
     # Untrained, the model uses few of its 16 clusters, so the two may tie; with K > C the
     # one-to-one matching can only leave pixels unmatched (tests/test_metrics.py).
     assert 0 < scores[16]["miou_one_to_one"] <= scores[16]["miou"]
+
+
+def _colour_folder(root: Path, train_label_of: list[int], n: int = 12) -> Path:
+    """Images split into two halves of flat class colours (3 classes), labelled by class
+    on val and by `train_label_of[class]` on train."""
+    colours = np.array([[220, 30, 30], [30, 220, 30], [30, 30, 220]], dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for i in range(n):
+            top, bottom = rng.choice(3, size=2, replace=False)
+            classes = np.full((32, 32), top, dtype=np.uint8)
+            classes[16:] = bottom
+            label = np.array(train_label_of, np.uint8)[classes] if split == "train" else classes
+            image = colours[classes]
+            (root / split / "images" / f"img{i}.png").write_bytes(encode_png(image))
+            (root / split / "labels" / f"img{i}.png").write_bytes(encode_png(label))
+    (root / "classes.txt").write_text("a\nb\nc")
+    return root
+
+
+def test_linear_probe_fits_on_train_labels_and_scores_val(tmp_path):
+    """STEGO's protocol: the probe learns from the train split's labels and is scored on
+    val's. Flat colours are linearly readable from any embedding, so train labels that
+    agree with val's score near 1, and train labels that rename the classes near 0."""
+    scores = {}
+    for name, train_label_of in (("agree", [0, 1, 2]), ("renamed", [1, 2, 0])):
+        root = _colour_folder(tmp_path / name, train_label_of)
+        cfg = load_config(TINY, ["data.dataset=folder", f"data.root={root}", "run.probe_steps=100"])
+        seed_everything(0)
+        model = create_model(cfg)
+        scores[name] = run_evaluation(model, cfg, torch.device("cpu"), pictures=False).metrics
+    assert scores["agree"]["probe_pixel_accuracy"] > 0.9, scores["agree"]
+    assert scores["renamed"]["probe_pixel_accuracy"] < 0.1, scores["renamed"]
+    assert scores["agree"]["miou"] == scores["renamed"]["miou"]  # clusters ignore labels

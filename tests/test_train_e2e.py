@@ -109,6 +109,9 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     assert logged[0].value == pytest.approx(evaluated["metrics"]["miou"])
     # Evaluating the same weights on the same data reproduces the training-time number.
     assert evaluated["metrics"]["miou"] == pytest.approx(result["metrics"]["miou"], abs=1e-6)
+    # So does the probe, which rank 0 fitted and both ranks scored on their part of val.
+    probe = evaluated["metrics"]["probe_miou"]
+    assert probe == pytest.approx(result["metrics"]["probe_miou"], abs=1e-6)
 
 
 def latest_complete_checkpoint(run_dir: Path) -> int:
