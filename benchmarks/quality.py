@@ -5,7 +5,7 @@
 Trains SAN, IIC and k-means-on-embeddings (same steps, image size, backbone,
 K = 11, seeds) with `pipelines/train.py`'s `train()` on CamVid train (images
 only), evaluates each on CamVid val (Hungarian pixel accuracy and mIoU, per-class
-IoU, linear probe), then over-clusters the best method (K = 22, many-to-one
+IoU, a linear probe fitted on train labels), then over-clusters the best method (K = 22, many-to-one
 matching). Every run is an MLflow run under one parent run that holds the table
 and the overlay panels of the same val images for each method. The table is
 printed last and written to benchmarks/results/quality.md.
@@ -174,7 +174,9 @@ def main() -> None:
         f"{os.cpu_count()} CPUs; wall time {wall / 60:.1f} min for {len(rows)} runs.\n\n"
         f"Command: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`\n\n"
         f"Budget per run: {args.steps} steps, {args.image_size}px, batch from camvid.yaml; "
-        f"train on CamVid train images (no labels), evaluate on CamVid val (101 images). "
+        f"train on CamVid train images (no labels), evaluate on CamVid val (101 images); "
+        f"the linear probe is fitted on frozen embeddings of labelled train images "
+        f"(run.probe_images) and scored on every labelled val pixel, as STEGO reports it. "
         f"mIoU and accuracy in %, mean ± std over seeds {args.seeds}; K = 22 rows use "
         f"many-to-one majority matching."
         + (

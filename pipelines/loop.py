@@ -189,9 +189,7 @@ def fit_probe(
                 "run.probe_steps=0"
             )
         try:
-            probe = fit_linear_probe(
-                feats, labels, n_classes, steps=cfg.run.probe_steps, seed=cfg.run.seed
-            )
+            probe = fit_linear_probe(feats, labels, n_classes, steps=cfg.run.probe_steps)
         except ValueError as exc:  # a train label outside the val split's classes
             raise DataError(f"linear probe on split {cfg.data.train_split!r}: {exc}") from None
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

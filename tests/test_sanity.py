@@ -96,3 +96,26 @@ def test_linear_probe_fits_on_train_labels_and_scores_val(tmp_path):
     assert scores["agree"]["probe_pixel_accuracy"] > 0.9, scores["agree"]
     assert scores["renamed"]["probe_pixel_accuracy"] < 0.1, scores["renamed"]
     assert scores["agree"]["miou"] == scores["renamed"]["miou"]  # clusters ignore labels
+
+
+def test_evaluating_mid_run_leaves_training_unchanged():
+    """How often a run evaluates, and whether it fits the probe, must not change the model
+    it trains: evaluation draws no randomness training uses and leaves no state behind."""
+
+    def train(evaluate_at: int | None, probe_steps: int) -> dict:
+        cfg = load_config(TINY, [f"run.probe_steps={probe_steps}"])
+        seed_everything(0)
+        model = create_model(cfg)
+        trainer = Trainer(model, cfg, torch.device("cpu"))
+        source = create_dataset(cfg.data, cfg.data.train_split)
+        stream = StreamDataset(source, train_pair_transform(cfg.data), seed=0)
+        batches = iter(PairLoader(stream, batch_size=cfg.optim.batch_size))
+        for step in range(1, 6):
+            trainer.step(next(batches))
+            if step == evaluate_at:
+                run_evaluation(model, cfg, torch.device("cpu"), pictures=False)
+        return model.state_dict()
+
+    plain = train(None, 0)
+    for evaluated in (train(2, 0), train(3, 20)):
+        assert all(torch.equal(plain[k], evaluated[k]) for k in plain)
