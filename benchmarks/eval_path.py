@@ -28,7 +28,7 @@ import torch
 from common import CAMVID, config, machine, median, parse_args, table, write_results
 
 from pipelines.loop import eval_classes, eval_loader, fit_probe
-from san.config import from_dict
+from san.config import RunConfig, from_dict
 from san.data import FolderDataset, create_dataset, write_shards
 from san.engine import evaluate, seed_everything
 from san.metrics import LinearProbe
@@ -103,6 +103,7 @@ def probe_fit_seconds(model, cfg, repeats: int) -> float:
     cfg.run.probe_images synthetic train images."""
     values = cfg.to_dict()
     values["data"]["synthetic_train_size"] = cfg.run.probe_images
+    values["run"]["probe_steps"] = RunConfig.probe_steps  # the default, not tiny.yaml's
     cfg = from_dict(values)
     times = []
     for _ in range(repeats):
@@ -192,7 +193,8 @@ def main() -> None:
         f"generated on the fly (generation is part of the end-to-end rate), loader_workers 0 "
         f"as in run_evaluation. Forward alone on a pre-made batch: {ceiling:.0f} img/s. "
         f"The probe's fit before each evaluation (forward over run.probe_images="
-        f"{cfg.run.probe_images} train images, {cfg.run.probe_steps} Adam steps): "
+        f"{cfg.run.probe_images} train images, at most {RunConfig.probe_steps} L-BFGS "
+        f"iterations): "
         f"{fit_s:.2f} s (median of {probe_repeats})."
     )
     sections = [("Setup", setup)]
