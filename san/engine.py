@@ -301,12 +301,11 @@ def _eval_batches(batches: Iterable[dict], device: torch.device, max_images: int
             images = finish_views(images, jitter=None)
         labels = batch["label"].to(device, non_blocking=True).long()
         if max_images:
-            keep = max_images - seen
-            if keep <= 0:
-                return
-            images, labels = images[:keep], labels[:keep]
+            images, labels = images[: max_images - seen], labels[: max_images - seen]
         seen += images.shape[0]
         yield images, labels
+        if max_images and seen >= max_images:
+            return  # before the loader reads a batch that would go unused
 
 
 def _upsampled_argmax(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:

@@ -359,8 +359,11 @@ def test_probe_sample_is_bounded():
     feats, ids = probe_pixels(model, batches, torch.device("cpu"), per_image=8, max_images=4)
     assert feats.shape == (3 * 8, cfg.model.embed_dim) and feats.dtype == torch.float32
     assert ids.shape == (3 * 8,) and set(ids.tolist()) <= {0, 1, 2}
-    again = probe_pixels(model, batches, torch.device("cpu"), per_image=8, max_images=4)
+    read = []
+    counted = (read.append(b) or b for b in batches)  # the loader's batches, as they are read
+    again = probe_pixels(model, counted, torch.device("cpu"), per_image=8, max_images=4)
     assert torch.equal(feats, again[0]) and torch.equal(ids, again[1])  # seeded
+    assert len(read) == 2  # no batch is read past the cap
 
 
 def test_evaluate_scores_the_probe_on_every_labelled_pixel():
