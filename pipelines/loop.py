@@ -192,11 +192,7 @@ def fit_probe(
             probe = fit_linear_probe(feats, labels, n_classes, steps=cfg.run.probe_steps)
         except ValueError as exc:  # a train label outside the val split's classes
             raise DataError(f"linear probe on split {cfg.data.train_split!r}: {exc}") from None
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        shipped = [probe.to("cpu") if probe is not None else None]
-        dist.broadcast_object_list(shipped, src=0)
-        probe = shipped[0]
-    return probe
+    return _broadcast(probe.to("cpu") if probe is not None else None, rank)
 
 
 def run_evaluation(
