@@ -283,27 +283,6 @@ def fit_linear_probe(
         return _fit_linear_probe(feats, labels, n_classes, steps, ignore_index)
 
 
-def linear_probe(
-    train_feats: Tensor,
-    train_labels: Tensor,
-    val_feats: Tensor,
-    val_labels: Tensor,
-    n_classes: int,
-    steps: int = 100,
-    ignore_index: int = IGNORE_INDEX,
-) -> dict[str, float]:
-    """`fit_linear_probe` on the train pixels, scored on the val pixels through the same
-    confusion-matrix code with the identity mapping."""
-    probe = fit_linear_probe(train_feats, train_labels, n_classes, steps, ignore_index)
-    x_val, y_val = _labelled(val_feats, val_labels, n_classes, ignore_index, "val")
-    device = probe.weight.device
-    cm = ConfusionMatrix(n_classes, n_classes, ignore_index, device)
-    for start in range(0, x_val.shape[0], 65536):
-        chunk = x_val[start : start + 65536].to(device)
-        cm.update(probe(chunk).argmax(dim=1), y_val[start : start + 65536].to(device))
-    return probe_scores(cm)
-
-
 def probe_scores(matrix: np.ndarray | Tensor | ConfusionMatrix) -> dict[str, float]:
     """Pixel accuracy and mIoU of a probe's [n_classes, n_classes] confusion matrix."""
     scores = segmentation_scores(matrix, mapping=np.arange(_as_numpy(matrix).shape[0]))
@@ -311,12 +290,12 @@ def probe_scores(matrix: np.ndarray | Tensor | ConfusionMatrix) -> dict[str, flo
 
 
 def _labelled(
-    feats: Tensor, labels: Tensor, n_classes: int, ignore_index: int, name: str
+    feats: Tensor, labels: Tensor, n_classes: int, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
     """The labelled rows of [N, D] feats and [N] labels; a one-line error for bad input."""
     if feats.ndim != 2 or labels.shape != feats.shape[:1]:
         raise ValueError(
-            f"{name}: expected feats [N, D] and labels [N], got "
+            f"train: expected feats [N, D] and labels [N], got "
             f"{tuple(feats.shape)} and {tuple(labels.shape)}"
         )
     labels = labels.to(device=feats.device, dtype=torch.int64)
@@ -326,7 +305,7 @@ def _labelled(
     bad = labels[(labels < 0) | (labels >= n_classes)]
     if bad.numel():
         raise ValueError(
-            f"{name}: label id {int(bad[0])} is out of range: allowed 0..{n_classes - 1} "
+            f"train: label id {int(bad[0])} is out of range: allowed 0..{n_classes - 1} "
             f"or ignore_index={ignore_index}"
         )
     return feats, labels
@@ -335,7 +314,7 @@ def _labelled(
 def _fit_linear_probe(
     feats: Tensor, labels: Tensor, n_classes: int, steps: int, ignore_index: int
 ) -> LinearProbe:
-    x, y = _labelled(feats, labels, n_classes, ignore_index, "train")
+    x, y = _labelled(feats, labels, n_classes, ignore_index)
     if x.shape[0] == 0:
         raise ValueError("linear_probe: no labelled training pixels")
     mean = x.mean(dim=0)

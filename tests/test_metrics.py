@@ -8,9 +8,9 @@ from san.metrics import (
     ConfusionMatrix,
     fit_linear_probe,
     hungarian_match,
-    linear_probe,
     majority_match,
     match_clusters,
+    probe_scores,
     random_assignment_scores,
     scalar_metrics,
     segmentation_scores,
@@ -170,6 +170,14 @@ def _blobs(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.randint(0, 3, (n,), generator=gen)
     feats = centres[labels] + torch.randn(n, 4, generator=gen) * 0.5
     return feats, labels
+
+
+def linear_probe(train_x, train_y, val_x, val_y, n_classes: int) -> dict[str, float]:
+    """Fit on the train pixels, score on the val pixels, as evaluation does."""
+    probe = fit_linear_probe(train_x, train_y, n_classes)
+    matrix = ConfusionMatrix(n_classes, n_classes)
+    matrix.update(probe(val_x).argmax(dim=1), val_y)
+    return probe_scores(matrix)
 
 
 def test_linear_probe_on_separable_features() -> None:
