@@ -121,7 +121,7 @@ def newest_saved_checkpoint(cfg: Config, storage: str) -> tuple[str, dict] | Non
 
     run_dir = st.join(storage, cfg.run.name)
     try:
-        names = [n for n in st.list_dir(run_dir) if n.startswith("checkpoint_")]
+        names = st.checkpoint_names(st.list_dir(run_dir))
     except FileNotFoundError:
         return None
     for name in sorted(names, reverse=True):

@@ -343,6 +343,34 @@ def finalize_children(rows: list[dict[str, Any]]) -> None:
             tracking.end_run(row["child_run_id"], status[row["stop_reason"]])
 
 
+def drop_checkpoints_after_stop(rows: list[dict[str, Any]]) -> list[str]:
+    """Delete what early-stopped trials saved after the checkpoint their result names;
+    return the deleted URIs.
+
+    ASHA decides on a trial's result while the trial trains on. It may save (and upload)
+    the next checkpoint before Tune kills it, and before Ray Train records that checkpoint.
+    Ray therefore never applies run.keep_checkpoints to it, and nothing names it: not
+    Tune's result, not the MLflow run's checkpoint_uri tag, and not trials.csv. Deleting it,
+    and any half-uploaded folder, leaves the trial with the checkpoints Ray recorded.
+    """
+    from san import storage
+
+    deleted = []
+    for row in rows:
+        if row["stop_reason"] != STOP_EARLY or not row["checkpoint_uri"]:
+            continue
+        run_dir, kept = os.path.split(row["checkpoint_uri"].rstrip("/"))
+        try:
+            names = storage.list_dir(run_dir)
+        except FileNotFoundError:
+            continue
+        for name in storage.checkpoint_names(names):
+            if name > kept:
+                storage.remove(storage.join(run_dir, name), recursive=True)
+                deleted.append(storage.join(run_dir, name))
+    return deleted
+
+
 def results_csv(rows: list[dict[str, Any]]) -> bytes:
     buffer = io.StringIO()
     columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -495,6 +523,8 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
         raise
     rows = summarize(results, space, sweep, storage)
     finalize_children(rows)
+    for uri in drop_checkpoints_after_stop(rows):
+        log.info("deleted %s: saved after ASHA stopped its trial, and recorded nowhere", uri)
     unfinished = [r for r in rows if r["stop_reason"] == STOP_UNFINISHED]
     if unfinished or len(rows) < num_samples_total(space, num_samples):
         tracking.end_run(parent_run_id, "KILLED")

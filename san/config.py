@@ -189,7 +189,9 @@ class RunConfig:
     checkpoint_every: int = 100
     # Print a progress line (and log losses to MLflow) every N steps.
     log_every: int = 10
-    # Keep this many most recent checkpoints in storage (0 keeps all).
+    # Keep this many most recent checkpoints in storage (0 keeps all). A sweep's trial
+    # that ASHA stops may save one more while the decision reaches it; the sweep deletes
+    # that one at its end, so the trial keeps the checkpoint its result names.
     keep_checkpoints: int = 3
     # How a checkpoint reaches run.storage: "async" writes it to local disk (under
     # <tmp>/san-checkpoints/, emptied when the run starts or restarts) and trains on

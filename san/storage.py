@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 import threading
 from pathlib import Path
@@ -477,10 +478,8 @@ def _read_verified_files(uri: str) -> dict[str, bytes]:
         raise CheckpointError(f"checkpoint {uri} does not exist")
     manifest_path = f"{path}/{MANIFEST}"
     if not fs.exists(manifest_path):
-        inside = sorted(
-            name
-            for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-            if name.startswith("checkpoint_")
+        inside = checkpoint_names(
+            [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         )
         hint = (
             f"; it is a run folder: pass one of its checkpoints, the latest {join(uri, inside[-1])}"
@@ -542,6 +541,16 @@ def load_checkpoint(
     return state, config
 
 
+def checkpoint_names(names: list[str]) -> list[str]:
+    """The checkpoint folders among a run folder's entry names, oldest first.
+
+    A checkpoint is named checkpoint_<step, zero-padded>, so names sort by step. Ray keeps
+    its record, checkpoint_manager_snapshot.json, beside them: a prefix test alone takes it
+    for the newest checkpoint.
+    """
+    return sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))
+
+
 def is_complete_checkpoint(uri: str) -> bool:
     """True when ``uri`` is a SAN checkpoint whose files all match the manifest."""
     try:
@@ -561,7 +570,7 @@ def latest_complete_checkpoint(run_url: str, newer_than: str = "") -> tuple[str,
     confirming that nothing is newer costs a listing, not a download.
     """
     try:
-        names = [n for n in list_dir(run_url) if n.startswith("checkpoint_") and n > newer_than]
+        names = [n for n in checkpoint_names(list_dir(run_url)) if n > newer_than]
     except FileNotFoundError:
         return None
     for name in sorted(names, reverse=True):

@@ -438,8 +438,14 @@ def test_evaluate_bad_checkpoint(
         overrides = ["model.n_clusters=6"]
     elif kind == "other-D":
         overrides = ["model.embed_dim=48"]
-    elif kind == "run-folder":
-        uri = str(good_checkpoint.parent)
+    elif kind == "run-folder":  # with Ray's record, which sorts after every checkpoint
+        import shutil
+
+        run = tmp_path / "run"
+        shutil.copytree(good_checkpoint, run / good_checkpoint.name)
+        (run / "checkpoint_manager_snapshot.json").write_text("{}")
+        uri = str(run)
+        expected += f"{str(run)[1:]}/{good_checkpoint.name}"
     elif kind == "missing-data":  # was a traceback
         overrides = ["data.dataset=folder", f"data.root={tmp_path / 'nowhere'}"]
     code, err = run_inprocess("evaluate", ["--checkpoint", uri, *overrides], monkeypatch, capsys)

@@ -129,12 +129,49 @@ def test_sweep_trials_wait_for_checkpoint_uploads() -> None:
             assert uploads_in_background(cfg, sweep_trial) is background
 
 
+def test_stopped_trials_lose_the_checkpoints_saved_after_the_stop(s3_env) -> None:
+    """ASHA stops a trial on its step-2 result while it trains on: a checkpoint at step 4,
+    complete or half uploaded, is recorded nowhere and goes; the one its result names, the
+    ones before it, and every checkpoint of a completed trial stay (here in S3)."""
+    from pipelines.tune import STOP_COMPLETED, STOP_EARLY, drop_checkpoints_after_stop
+    from san import storage
+
+    bucket = s3_env.make_bucket("stopped-trials")
+    for run, names in (
+        ("stopped", ("checkpoint_0000002", "checkpoint_0000004")),
+        ("done", ("checkpoint_0000002", "checkpoint_0000004")),
+    ):
+        for name in names:
+            storage.write_bytes_atomic(f"{bucket}/train/{run}/{name}/state.pt", b"x")
+    storage.write_bytes_atomic(f"{bucket}/train/stopped/checkpoint_0000006/part", b"x")
+    storage.write_bytes_atomic(f"{bucket}/train/stopped/checkpoint_manager_snapshot.json", b"{}")
+
+    def row(run: str, reason: str, step: int) -> dict:
+        uri = f"{bucket}/train/{run}/checkpoint_{step:07d}"
+        return {"stop_reason": reason, "checkpoint_uri": uri}
+
+    rows = [row("stopped", STOP_EARLY, 2), row("done", STOP_COMPLETED, 2)]
+    deleted = drop_checkpoints_after_stop(rows)
+    assert deleted == [
+        f"{bucket}/train/stopped/checkpoint_0000004",
+        f"{bucket}/train/stopped/checkpoint_0000006",
+    ]
+    assert storage.list_dir(f"{bucket}/train/stopped") == [
+        "checkpoint_0000002",
+        "checkpoint_manager_snapshot.json",
+    ]
+    assert storage.list_dir(f"{bucket}/train/done") == ["checkpoint_0000002", "checkpoint_0000004"]
+    assert drop_checkpoints_after_stop(rows) == []  # a resumed sweep finds nothing more
+
+
 @pytest.mark.e2e
 def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -> None:
     """4 trials, 2 concurrent, ASHA: half the trials face an 8-class scene with K=2 clusters
     (mIoU <= 2/8) against a 2-class scene (mIoU >= 1/4 even when collapsed), so they lose
     clearly at the first evaluation and ASHA must stop at least one."""
     from mlflow.tracking import MlflowClient
+
+    from san.storage import checkpoint_names
 
     def edit(space: dict) -> None:
         space["params"].pop("model.n_clusters")
@@ -189,6 +226,11 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
         # (it used to be KILLED or FAILED by that race).
         status = {"completed": "FINISHED", "early_stopped_asha": "KILLED"}
         assert kid.info.status == status[kid.data.tags["stop_reason"]], kid.data.tags
+        # quick.yaml keeps 1 checkpoint; a stopped trial may have saved one after the stop
+        # (ASHA decides while it trains on), which the sweep deletes.
+        uri = kid.data.tags["checkpoint_uri"]
+        saved = checkpoint_names([p.name for p in Path(uri).parent.iterdir()])
+        assert saved == [Path(uri).name], kid.data.tags
     stopped = [k for k in kids if k.data.tags["stop_reason"] == "early_stopped_asha"]
     assert stopped, "ASHA stopped no trial"
     for kid in stopped:
