@@ -36,7 +36,7 @@ def load_model(uri: str, overrides: list[str]):
     except (CheckpointError, StorageError) as exc:
         raise UserError(str(exc)) from None
     cfg = from_dict(apply_overrides(saved, overrides))
-    model = create_model(cfg)
+    model = create_model(cfg, vit_weights=False)  # the checkpoint holds them
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:

@@ -114,7 +114,7 @@ class Predictor:
 
         state, config = storage.load_checkpoint(checkpoint)
         self.cfg = from_dict(config)
-        self.model = create_model(self.cfg)
+        self.model = create_model(self.cfg, vit_weights=False)  # the checkpoint holds them
         self.model.load_state_dict(state["model"])
         self.model.eval()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

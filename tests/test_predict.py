@@ -161,3 +161,28 @@ def test_raw_shard_rows_are_predicted(tmp_path: Path) -> None:
     assert (out / MASK_DIR / "r.png").read_bytes() == (
         tmp_path / "out2" / MASK_DIR / "r.png"
     ).read_bytes()
+
+
+def test_checkpoint_loads_without_the_vit_weights_file_training_read(tmp_path: Path) -> None:
+    """model.vit_weights is training's starting point: the checkpoint replaces those
+    weights, so evaluating or predicting elsewhere (the file not copied, or moved) must not
+    need the file. Both used to stop with FileNotFoundError."""
+    from pipelines.evaluate import load_model
+
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml")
+    weights = tmp_path / "vit.pt"
+    torch.save(create_model(cfg).semantic.vit.state_dict(), weights)
+    cfg = load_config(
+        ROOT / "pipelines" / "configs" / "tiny.yaml", [f"model.vit_weights={weights}"]
+    )
+    model = create_model(cfg)
+    url = str(tmp_path / "checkpoint_0000005")
+    storage.save_checkpoint(url, {"model": model.state_dict(), "step": 5}, cfg.to_dict())
+    weights.unlink()
+
+    loaded, loaded_cfg, _ = load_model(url, [])
+    assert loaded_cfg.model.vit_weights == str(weights)  # the run's config, as saved
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name].cpu(), tensor), name
+    predictor = Predictor(url, str(tmp_path / "out"), overlay=False)
+    assert torch.equal(predictor.model.semantic.vit.pos_embed.cpu(), model.semantic.vit.pos_embed)

@@ -19,8 +19,20 @@ MODELS: dict[str, Callable[..., SegmentationModel]] = {
 }
 
 
-def create_model(cfg: Config | ModelConfig, image_size: int | None = None) -> SegmentationModel:
-    """Build the model named by `cfg.model.name` (or a bare ModelConfig plus image size)."""
+def create_model(
+    cfg: Config | ModelConfig, image_size: int | None = None, *, vit_weights: bool = True
+) -> SegmentationModel:
+    """Build the model named by `cfg.model.name` (or a bare ModelConfig plus image size).
+
+    `vit_weights=False` leaves `model.vit_weights` unread: for a model whose weights a
+    checkpoint then replaces, so evaluating or predicting needs no copy of a file that
+    training read on another machine.
+    """
+    if not vit_weights:
+        if isinstance(cfg, Config):
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vit_weights=None))
+        else:
+            cfg = dataclasses.replace(cfg, vit_weights=None)
     if isinstance(cfg, Config):
         model_cfg, image_size = cfg.model, cfg.data.image_size
         if model_cfg.name == "kmeans":
@@ -58,10 +70,10 @@ def check_model_config(cfg: Config) -> None:
                 f"model.{field}={name!r} is not a timm model: use a name from "
                 f"timm.list_models(){hint}"
             )
-    model_cfg = dataclasses.replace(cfg.model, vit_weights=None)
+    model_cfg = cfg.model
     try:
         with torch.device("meta"):
-            create_model(dataclasses.replace(cfg, model=model_cfg))
+            create_model(cfg, vit_weights=False)
     except Exception as exc:  # noqa: BLE001 - timm and torch raise many types
         message = " ".join(str(exc).split())
         if isinstance(exc, ValueError) and message.startswith("model."):
