@@ -175,10 +175,21 @@ def check_resume_compatible(cfg: Config, newest: tuple[str, dict] | None) -> Non
         for k in SHAPE_FIELDS
         if saved.get(k) != getattr(cfg.model, k)
     ]
+    # The ViT's position embeddings have one row per patch of a data.image_size image.
+    saved_size = saved_config.get("data", {}).get("image_size")
+    if saved_size != cfg.data.image_size:
+        changed.append(f"data.image_size={saved_size!r} there, {cfg.data.image_size!r} here")
+    # SAN has a decoder only while L_rec is on.
+    saved_w_rec = saved_config.get("loss", {}).get("w_rec", 0)
+    if cfg.model.name == "san" and (saved_w_rec > 0) != (cfg.loss.w_rec > 0):
+        changed.append(
+            f"loss.w_rec={saved_w_rec!r} there, {cfg.loss.w_rec!r} here (SAN has a decoder "
+            "only with w_rec > 0)"
+        )
     if changed:
         raise UserError(
             f"run {cfg.run.name!r} would resume from {uri}, written with "
-            f"another model ({'; '.join(changed)}): use a new run.name or the same model"
+            f"another model ({'; '.join(changed)}): use a new run.name or the same settings"
         )
 
 
