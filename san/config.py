@@ -12,6 +12,7 @@ the value and what is allowed, before any worker starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -310,6 +311,11 @@ def _describe_range(low: float, high: float | None, inclusive: bool) -> str:
 def validate(cfg: Config) -> Config:
     """Check choices, ranges and cross-field rules; raise one-line `ConfigError`."""
     flat = cfg.flat()
+    for key, value in flat.items():
+        # NaN passes every range test (each comparison is False) and would, say, switch
+        # colour jitter off without a word; no setting means anything by inf.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not allowed; give a finite number")
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not allowed; choose one of {list(allowed)}")

@@ -42,6 +42,10 @@ def test_overrides_are_typed():
         ("model.n_clusters=1", "model.n_clusters=1 is out of range; allowed: >= 2"),
         ("model.tau=0", "model.tau=0.0 is out of range; allowed: > 0"),
         ("loss.w_rec=-1", "loss.w_rec=-1.0 is out of range; allowed: >= 0"),
+        # NaN passed every range test: data.jitter=nan switched colour jitter off.
+        ("data.jitter=nan", "data.jitter=nan is not allowed; give a finite number"),
+        ("data.crop_min_scale=nan", "data.crop_min_scale=nan is not allowed"),
+        ("optim.lr=.inf", "optim.lr=inf is not allowed; give a finite number"),
         ("model.name=stego", "model.name='stego' is not allowed; choose one of"),
         (
             "run.checkpoint_upload=later",
