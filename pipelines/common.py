@@ -20,7 +20,7 @@ if str(ROOT) not in sys.path:  # `python pipelines/x.py` puts pipelines/, not th
     sys.path.insert(0, str(ROOT))
 
 from san.config import Config, ConfigError, load_config  # noqa: E402
-from san.storage import StorageError, check_storage  # noqa: E402
+from san.storage import StorageError, check_storage, pyarrow_filesystem  # noqa: E402
 
 log = logging.getLogger("san")
 
@@ -184,10 +184,11 @@ def tracking_uri() -> str:
 
 
 def resolve_storage(url: str) -> str:
-    """Relative local storage paths are relative to the project root, as absolute paths."""
+    """Relative local storage paths are relative to the project root, as absolute paths;
+    ~ is the user's home (an override like run.storage=~/runs reaches us unexpanded)."""
     if "://" in url:
         return url
-    path = Path(url)
+    path = Path(url).expanduser()
     return str(path if path.is_absolute() else (ROOT / path).resolve())
 
 
@@ -250,6 +251,7 @@ def init_ray(num_cpus: int | None = None) -> None:
 def check_services(cfg: Config) -> None:
     """Fail fast, before any worker starts, when storage or MLflow is unreachable."""
     try:
+        pyarrow_filesystem(resolve_storage(cfg.run.storage))  # a scheme Ray can write to
         check_storage(resolve_storage(cfg.run.storage))
     except StorageError as exc:
         raise UserError(str(exc)) from None

@@ -154,6 +154,14 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     """
     if _is_s3(url):
         return _arrow_s3_client(), url.split("://", 1)[1].rstrip("/")
+    if "://" in url and not url.startswith("file://"):
+        # A local path for it would be "./gs:/bucket/...", where fsspec (resume,
+        # evaluation) would never look.
+        raise StorageError(
+            f"{url}: Ray writes checkpoints through pyarrow, set up here for a local folder "
+            f"(or file://) and s3:// (AWS, MinIO or any S3 endpoint); "
+            f"{url.split('://', 1)[0]}:// is not one of them"
+        )
     return pafs.LocalFileSystem(), _local_path(url)
 
 

@@ -247,6 +247,25 @@ def test_unreachable_s3_endpoint(clean_env, monkeypatch, capsys):
     assert not clean_env["db"].exists()
 
 
+def test_storage_ray_cannot_write_to(clean_env, monkeypatch, capsys):
+    """Ray's pyarrow filesystem took memory:// (or gs://, with gcsfs installed) for a
+    local folder named 'memory:', while resume and evaluation looked under memory://."""
+    args = train_args(clean_env, "run.storage=memory://runs")
+    code, err = run_inprocess("train", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, "memory://runs: Ray writes checkpoints through pyarrow")
+    assert not clean_env["db"].exists()
+    assert not (ROOT / "memory:").exists()
+
+
+def test_storage_under_home_is_expanded(monkeypatch, tmp_path):
+    from pipelines.common import resolve_storage
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_storage("~/runs") == str(tmp_path / "runs")  # was <project>/~/runs
+    assert resolve_storage("runs") == str(ROOT / "runs")
+    assert resolve_storage("s3://bucket/runs") == "s3://bucket/runs"
+
+
 def test_missing_bucket(clean_env, s3_server, monkeypatch, capsys):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
