@@ -79,11 +79,20 @@ class Evaluation:
 
 
 def eval_classes(cfg: Config, source) -> int:
+    """How many classes evaluation scores: data.n_classes, else what the data declares."""
     n_classes = cfg.data.n_classes or source.n_classes
     if not n_classes:
         raise DataError(
             f"the {cfg.data.dataset!r} data at {cfg.data.root!r} declares no classes; "
             "set data.n_classes"
+        )
+    names = source.class_names
+    if names and len(names) != n_classes:
+        # The per-class scores are named from the list: one name per class or none.
+        raise DataError(
+            f"data.n_classes={n_classes}, but the {cfg.data.dataset!r} data at "
+            f"{cfg.data.root!r} names {len(names)} classes; leave data.n_classes unset "
+            "or give as many class names"
         )
     return n_classes
 

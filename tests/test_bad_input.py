@@ -138,6 +138,11 @@ def _out_of_range_train_label(root: Path) -> None:
     (root / "train" / "labels" / "img0.png").write_bytes(encode_png(label))
 
 
+def _class_ids_with_a_gap(root: Path) -> None:
+    (root / "classes.txt").unlink()
+    (root / "classes.json").write_text('{"0": "sky", "1": "road", "3": "car"}')
+
+
 def _empty(root: Path) -> None:
     for path in (root / "train" / "images").iterdir():
         path.unlink()
@@ -153,6 +158,8 @@ def _empty(root: Path) -> None:
         (_out_of_range_label, "label 'img0' in split 'val' has class id 7; allowed 0..2"),
         (_out_of_range_train_label, "label 'img0' in split 'train' has class id 7"),
         (_unlabelled_train, "linear probe (run.probe_steps=20) fits on labels of split 'train'"),
+        # Named id 2 "car" and counted 3 classes; a "sky": 0 mapping was a int() traceback.
+        (_class_ids_with_a_gap, "its keys must be the ids 0..N-1, got ['0', '1', '3']"),
     ],
     ids=[
         "missing-path",
@@ -162,6 +169,7 @@ def _empty(root: Path) -> None:
         "class-id-range",
         "train-class-id-range",
         "probe-without-train-labels",
+        "class-ids-with-a-gap",
     ],
 )
 def test_bad_data(clean_env, tmp_path, monkeypatch, capsys, damage, expected):
@@ -173,6 +181,21 @@ def test_bad_data(clean_env, tmp_path, monkeypatch, capsys, damage, expected):
     assert_one_line_error(code, err, expected)
     assert_nothing_left(clean_env)
     assert not clean_env["storage"].exists()  # data is checked before storage is touched
+
+
+def test_class_count_that_disagrees_with_the_class_names(tmp_path):
+    """data.n_classes=4 over 3 names passed the pre-flight, then every worker failed at its
+    first evaluation (segmentation_scores: 3 class_names for 4 classes)."""
+    from pipelines.common import UserError
+    from pipelines.train import preflight_data
+    from san.config import load_config
+
+    root = write_folder(tmp_path / "data")  # classes.txt names 3
+    overrides = ["data.dataset=folder", f"data.root={root}", "data.image_size=32"]
+    with pytest.raises(UserError, match="data.n_classes=4, but the 'folder' data at .* names 3"):
+        preflight_data(load_config(TINY, [*overrides, "data.n_classes=4"]))
+    preflight_data(load_config(TINY, [*overrides, "data.n_classes=3"]))
+    preflight_data(load_config(TINY, overrides))
 
 
 def test_train_labels_are_needed_only_by_the_probe(tmp_path):

@@ -36,7 +36,15 @@ def read_class_names(*folders: Path) -> list[str] | None:
             if isinstance(data, dict) and "class_names" in data:
                 data = data["class_names"]
             if isinstance(data, dict):  # {"0": "sky", "1": "building", ...}
-                data = [data[k] for k in sorted(data, key=int)]
+                # The keys are the class ids: they must be 0..N-1, or a name would go to
+                # another class's id ({"0": .., "1": .., "3": "car"} named id 2 "car").
+                by_id = {str(i): data.get(str(i)) for i in range(len(data))}
+                if set(data) != set(by_id):
+                    raise DataError(
+                        f"{js} maps class ids to names: its keys must be the ids 0..N-1, "
+                        f"got {sorted(data)[:6]}"
+                    )
+                data = list(by_id.values())
             if not isinstance(data, list) or not all(isinstance(n, str) for n in data):
                 raise DataError(
                     f"{js} must hold a list of class names, {{'class_names': [...]}} "
