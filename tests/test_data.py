@@ -485,6 +485,31 @@ def test_decode_image_gives_pils_pixels(fmt: str, mode: str) -> None:
         decode_image(buffer.getvalue()[: len(buffer.getvalue()) // 2], "x")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("orientation", [1, 3, 6])
+def test_exif_orientation_leaves_the_stored_pixels(tmp_path: Path, fmt: str, orientation: int):
+    """Labels are drawn on the stored pixel grid, which PIL gives. torchcodec turned a file
+    with an EXIF orientation upright: turned 180 degrees (3) the labels silently covered the
+    wrong pixels, and turned 90 (6) a good sample failed the label size check."""
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:, :12] = 255  # the left quarter is white; the label marks it as class 1
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, exif=exif.tobytes())
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / f"a.{fmt.lower()}").write_bytes(buffer.getvalue())
+    label = np.zeros((32, 48), np.uint8)
+    label[:, :12] = 1
+    (tmp_path / "labels" / "a.png").write_bytes(encode_png(label))
+
+    sample = FolderDataset(str(tmp_path), "train")[0]
+    assert sample["image"].shape == (3, 32, 48)
+    assert torch.equal(sample["image"], _pil_rgb(buffer.getvalue()))
+    assert sample["image"][:, sample["label"] == 1].float().mean() > 250
+
+
 def test_decode_image_without_torchcodec_uses_pil(tmp_path: Path) -> None:
     """Where torchcodec is missing (the GPU device image) or cannot load its library, PIL
     decodes the same pixels, with one warning saying so."""
