@@ -116,7 +116,7 @@ def _spread_samples(source, n: int):
 
 def newest_saved_checkpoint(cfg: Config, storage: str) -> tuple[str, dict] | None:
     """(URI, saved config) of the checkpoint a rerun of this run would resume from: the
-    newest whose manifest and config are written. None for a new run."""
+    newest whose files are all written (`is_written_checkpoint`). None for a new run."""
     from san import storage as st
 
     run_dir = st.join(storage, cfg.run.name)
@@ -124,11 +124,12 @@ def newest_saved_checkpoint(cfg: Config, storage: str) -> tuple[str, dict] | Non
         names = st.checkpoint_names(st.list_dir(run_dir))
     except FileNotFoundError:
         return None
-    for name in sorted(names, reverse=True):
-        config_url = st.join(run_dir, name, st.CONFIG_FILE)
-        if not st.exists(st.join(run_dir, name, st.MANIFEST)) or not st.exists(config_url):
-            continue  # an unfinished upload; Ray never resumes from it
-        return st.join(run_dir, name), json.loads(st.read_bytes(config_url))
+    for name in reversed(names):
+        if not st.is_written_checkpoint(st.join(run_dir, name)):
+            continue  # an unfinished upload: the workers skip it too
+        return st.join(run_dir, name), json.loads(
+            st.read_bytes(st.join(run_dir, name, st.CONFIG_FILE))
+        )
     return None
 
 

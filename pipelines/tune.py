@@ -365,7 +365,7 @@ def drop_checkpoints_after_stop(rows: list[dict[str, Any]]) -> list[str]:
         except FileNotFoundError:
             continue
         for name in storage.checkpoint_names(names):
-            if name > kept:
+            if storage.checkpoint_step(name) > storage.checkpoint_step(kept):
                 storage.remove(storage.join(run_dir, name), recursive=True)
                 deleted.append(storage.join(run_dir, name))
     return deleted

@@ -489,9 +489,10 @@ def _read_verified_files(uri: str) -> dict[str, bytes]:
         inside = checkpoint_names(
             [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         )
+        written = [join(uri, name) for name in inside if is_written_checkpoint(join(uri, name))]
         hint = (
-            f"; it is a run folder: pass one of its checkpoints, the latest {join(uri, inside[-1])}"
-            if inside
+            f"; it is a run folder: pass one of its checkpoints, the latest {written[-1]}"
+            if written
             else ""
         )
         raise CheckpointError(f"{uri} is not a SAN checkpoint: no {MANIFEST}{hint}")
@@ -549,14 +550,36 @@ def load_checkpoint(
     return state, config
 
 
+def checkpoint_step(name: str) -> int:
+    """The step in a checkpoint folder's name (checkpoint_<step>); -1 for "" (none)."""
+    return int(name.rsplit("_", 1)[1]) if name else -1
+
+
 def checkpoint_names(names: list[str]) -> list[str]:
     """The checkpoint folders among a run folder's entry names, oldest first.
 
-    A checkpoint is named checkpoint_<step, zero-padded>, so names sort by step. Ray keeps
-    its record, checkpoint_manager_snapshot.json, beside them: a prefix test alone takes it
-    for the newest checkpoint.
+    Ordered by step, not as text: the names are zero-padded to 7 digits, so from step
+    10,000,000 on, text order would put the newest first. Ray keeps its record,
+    checkpoint_manager_snapshot.json, beside them: a prefix test alone takes it for the
+    newest checkpoint.
     """
-    return sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))
+    return sorted((n for n in names if re.fullmatch(r"checkpoint_\d+", n)), key=checkpoint_step)
+
+
+def is_written_checkpoint(uri: str) -> bool:
+    """Whether every file the manifest of checkpoint ``uri`` lists is there at its size:
+    what a listing can tell (no download), so an upload cut off before a file is not
+    taken for a checkpoint. `load_checkpoint` also checks the contents."""
+    fs, path = filesystem(uri)
+    try:
+        files = json.loads(fs.cat_file(f"{path}/{MANIFEST}"))["files"]
+        sizes = {
+            os.path.basename(str(e["name"]).rstrip("/")): e.get("size")
+            for e in fs.ls(path, detail=True)
+        }
+        return all(sizes.get(name) == entry["size"] for name, entry in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def is_complete_checkpoint(uri: str) -> bool:
@@ -573,15 +596,17 @@ def latest_complete_checkpoint(run_url: str, newer_than: str = "") -> tuple[str,
 
     Ray resumes from the checkpoints it registered; one written in full but not yet
     registered (the worker died between upload and report) would otherwise be lost work.
-    Incomplete or corrupt directories are skipped, never loaded. Only directory names that
-    sort after ``newer_than`` (the name of the checkpoint Ray registered) are read, so
+    Incomplete or corrupt directories are skipped, never loaded. Only checkpoints of later
+    steps than ``newer_than`` (the name of the checkpoint Ray registered) are read, so
     confirming that nothing is newer costs a listing, not a download.
     """
     try:
-        names = [n for n in checkpoint_names(list_dir(run_url)) if n > newer_than]
+        names = checkpoint_names(list_dir(run_url))
     except FileNotFoundError:
         return None
-    for name in sorted(names, reverse=True):
+    for name in reversed(names):
+        if checkpoint_step(name) <= checkpoint_step(newer_than):
+            break
         uri = join(run_url, name)
         try:
             state, config = load_checkpoint(uri)

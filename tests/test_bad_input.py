@@ -608,3 +608,44 @@ def test_resume_fallback_skips_incomplete_and_corrupt_checkpoints(tmp_path, good
     # With step 5 in hand (registered with Ray), nothing newer is complete.
     assert latest_complete_checkpoint(str(run), newer_than="checkpoint_0000005") is None
     assert latest_complete_checkpoint(str(run), newer_than="checkpoint_0000004")[1]["step"] == 5
+
+
+def test_checkpoints_past_step_ten_million_are_newest(tmp_path, good_checkpoint):
+    """Names are padded to 7 digits: as text, checkpoint_10000000 sorted before
+    checkpoint_9999000, and a restart resumed from the older one."""
+    import shutil
+
+    from san.storage import checkpoint_names, latest_complete_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("checkpoint_9999000", "checkpoint_10000000"):
+        shutil.copytree(good_checkpoint, run / name)
+    names = ["checkpoint_10000000", "checkpoint_manager_snapshot.json", "checkpoint_9999000"]
+    assert checkpoint_names(names) == ["checkpoint_9999000", "checkpoint_10000000"]
+    uri, _, _ = latest_complete_checkpoint(str(run), newer_than="checkpoint_9999000")
+    assert uri == str(run / "checkpoint_10000000")
+    assert latest_complete_checkpoint(str(run), newer_than="checkpoint_10000000") is None
+
+
+def test_driver_and_workers_agree_on_the_newest_checkpoint(tmp_path, good_checkpoint):
+    """An upload cut off after the manifest but before (all of) state.pt: the driver took
+    it for the newest checkpoint (said a finished run had nothing to train, checked the
+    wrong config, pointed evaluate at it) while the workers skipped it."""
+    import shutil
+
+    from pipelines import train
+    from san.config import load_config
+    from san.storage import STATE_FILE, CheckpointError, latest_complete_checkpoint, load_checkpoint
+
+    run = tmp_path / RUN
+    shutil.copytree(good_checkpoint, run / "checkpoint_0000005")
+    shutil.copytree(good_checkpoint, run / "checkpoint_0000006")
+    shutil.copytree(good_checkpoint, run / "checkpoint_0000007")
+    state = run / "checkpoint_0000006" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:1000])  # cut short
+    (run / "checkpoint_0000007" / STATE_FILE).unlink()  # never arrived
+    cfg = load_config(TINY, [f"run.name={RUN}"])
+    uri, _ = train.newest_saved_checkpoint(cfg, str(tmp_path))
+    assert uri == str(run / "checkpoint_0000005") == latest_complete_checkpoint(str(run))[0]
+    with pytest.raises(CheckpointError, match="the latest .*checkpoint_0000005$"):
+        load_checkpoint(str(run))

@@ -202,6 +202,14 @@ def test_checkpoint_round_trip_s3(s3_env: S3Server, tmp_path: Path) -> None:
     storage.save_checkpoint(direct, _state(), _config())
     assert storage.load_checkpoint(direct)[0]["step"] == 7
 
+    # What a listing tells (the driver's view of the newest checkpoint), here through S3.
+    assert storage.is_written_checkpoint(uri) and storage.is_written_checkpoint(direct)
+    storage.write_bytes_atomic(storage.join(uri, "state.pt"), b"cut short")
+    assert not storage.is_written_checkpoint(uri)
+    storage.remove(storage.join(direct, "state.pt"))
+    assert not storage.is_written_checkpoint(direct)
+    assert not storage.is_written_checkpoint(storage.join(bucket, "run1", "nothing"))
+
 
 def test_corrupt_checkpoint_is_one_line_error(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
