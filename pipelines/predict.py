@@ -3,11 +3,12 @@
     python pipelines/predict.py --checkpoint URI --input URL --output URL [--overlay]
     ray job submit --working-dir . -- python pipelines/predict.py --checkpoint s3://... ...
 
-The input is a folder of .jpg/.jpeg/.png files (directly under URL or under URL/images/) or a
-set of Parquet shards (a manifest.json under URL or URL/<split>/), local or ``s3://``. Each
-image gets ``<output>/masks/<id>.png`` (uint8 cluster ids at the image's own size) and, with
-``--overlay``, ``<output>/overlays/<id>.png``. The mask is written last and atomically, so an
-existing mask means that image is finished: re-running skips it (idempotent, resumable).
+The input is a folder of images (.jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff, directly under URL
+or under URL/images/) or a set of Parquet shards (a manifest.json under URL or URL/<split>/),
+local or ``s3://``. Each image gets ``<output>/masks/<id>.png`` (uint8 cluster ids at the
+image's own size) and, with ``--overlay``, ``<output>/overlays/<id>.png``. The mask is written
+last and atomically, so an existing mask means that image is finished: re-running skips it
+(idempotent, resumable).
 
 The model runs in a pool of Ray Data actors (`Predictor`), each loading the checkpoint once.
 The last stdout line is one JSON object: {"total", "skipped", "written", "output"}.
@@ -28,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.common import UserError, init_ray, print_result, run_main  # noqa: E402
 from san import storage  # noqa: E402
+from san.data.folder import IMAGE_SUFFIXES  # noqa: E402
 
 log = logging.getLogger("san")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SHARD_MANIFEST = "manifest.json"
 MASK_DIR = "masks"
 OVERLAY_DIR = "overlays"
@@ -75,7 +76,7 @@ def plan_input(url: str, split: str) -> InputPlan:
         if images:
             return InputPlan("folder", images, [])
     raise UserError(
-        f"no images under {url}: expected .jpg/.jpeg/.png files in it or in its images/ "
+        f"no images under {url}: expected {'/'.join(IMAGE_SUFFIXES)} files in it or in its images/ "
         f"folder, or Parquet shards with a {SHARD_MANIFEST}"
     )
 

@@ -152,7 +152,7 @@ def _empty(root: Path) -> None:
     ("damage", "expected"),
     [
         (None, "not found"),
-        (_empty, "has no .jpg/.jpeg/.png files"),
+        (_empty, "has no .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff files"),
         (_corrupt_image, "image 'img1' could not be decoded"),
         (_mis_sized_label, "label 'img2' is 16x16 but its image is 32x32"),
         (_out_of_range_label, "label 'img0' in split 'val' has class id 7; allowed 0..2"),

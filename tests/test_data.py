@@ -444,6 +444,37 @@ def test_folder_errors(tmp_path: Path) -> None:
     _one_line_data_error(exc, "'wrongsize'", "9x8", "10x8")
 
 
+def test_folder_reads_pils_formats_and_names_what_it_ignores(tmp_path: Path, caplog) -> None:
+    """.bmp/.webp/.tif images and .PNG labels used to be skipped without a word, as were
+    labels with no image: prepare_data reported 2 images of 5, and 0 skipped."""
+    images, labels = tmp_path / "train" / "images", tmp_path / "train" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    for name, fmt in (("a.png", "PNG"), ("b.jpg", "JPEG"), ("c.webp", "WEBP")):
+        Image.fromarray(pixels).save(
+            images / name, fmt, **({"lossless": True} if fmt == "WEBP" else {})
+        )
+    for name, fmt in (("d.bmp", "BMP"), ("e.tif", "TIFF")):
+        Image.fromarray(pixels).save(images / name, fmt)
+    (images / "notes.txt").write_text("not an image")
+    (images / ".DS_Store").write_bytes(b"")
+    label = np.ones((12, 16), np.uint8)
+    for name in ("a.png", "d.PNG", "zzz.png"):
+        (labels / name).write_bytes(encode_png(label))
+
+    with caplog.at_level("WARNING", logger="san"):
+        ds = FolderDataset(str(tmp_path), "train")
+    assert ds.ids == ["a", "b", "c", "d", "e"]
+    assert [p is not None for p in ds.label_paths] == [True, False, False, True, False]
+    for i in (0, 2, 3, 4):  # lossless formats: the pixels as written
+        assert torch.equal(ds[i]["image"], torch.from_numpy(pixels).permute(2, 0, 1))
+    assert torch.equal(ds[3]["label"], torch.from_numpy(label))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("1 not images (notes.txt), ignored" in w for w in warnings), warnings
+    assert any("1 labels with no image (zzz), ignored" in w for w in warnings), warnings
+
+
 def test_folder_unlabelled_root_layout_and_classes(tmp_path: Path) -> None:
     _save(tmp_path / "images" / "a.png", np.full((12, 16, 3), 100, np.uint8))
     _save(tmp_path / "images" / "b.jpg", np.full((12, 16, 3), 50, np.uint8))

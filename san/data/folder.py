@@ -1,11 +1,13 @@
 """The plain `images/ + labels/` folder layout, which every standard dataset can be put into.
 
-    <root>/<split>/images/<id>.jpg|jpeg|png
+    <root>/<split>/images/<id>.jpg|jpeg|png (also .bmp, .webp, .tif, through PIL)
     <root>/<split>/labels/<id>.png      optional; uint8 class ids, 255 = ignore
     <root>/classes.txt | classes.json   optional class names
 
 Problems are reported as one-line `DataError`s naming the path or sample id: a missing
-or empty folder when the dataset is built, a bad image or label when it is read.
+or empty folder when the dataset is built, a bad image or label when it is read. Files
+the layout does not read (other formats, labels without an image) are counted in a
+warning, never dropped without a word.
 """
 
 from __future__ import annotations
@@ -14,10 +16,21 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from san.data.base import DataError, IndexedSource, check_sizes, decode_image, decode_label
+from san.data.base import (
+    DataError,
+    IndexedSource,
+    check_sizes,
+    decode_image,
+    decode_label,
+    log,
+)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-LAYOUT = "<root>/<split>/images/<id>.(jpg|jpeg|png) with optional <root>/<split>/labels/<id>.png"
+# JPEG and PNG decode through torchcodec, the others through PIL (san.data.base).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LAYOUT = (
+    "<root>/<split>/images/<id>.(jpg|jpeg|png|bmp|webp|tif|tiff) with optional "
+    "<root>/<split>/labels/<id>.png"
+)
 
 
 def read_class_names(*folders: Path) -> list[str] | None:
@@ -54,6 +67,19 @@ def read_class_names(*folders: Path) -> list[str] | None:
     return None
 
 
+def _warn_ignored(folder: Path, names: list[str], what: str) -> None:
+    if names:
+        log.warning(
+            "%s: %d %s (%s%s), ignored; expected %s",
+            folder,
+            len(names),
+            what,
+            ", ".join(names[:3]),
+            ", ..." if len(names) > 3 else "",
+            LAYOUT,
+        )
+
+
 class FolderDataset(IndexedSource):
     """Images (and optional labels) read from a folder, one file per sample."""
 
@@ -70,23 +96,27 @@ class FolderDataset(IndexedSource):
         self.root = base
         self.split = split
         self.folder = folder
-        files = sorted(
-            p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        entries = [p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+        files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(
-                f"image folder {str(image_dir)!r} has no .jpg/.jpeg/.png files; expected {LAYOUT}"
+                f"image folder {str(image_dir)!r} has no {'/'.join(IMAGE_SUFFIXES)} files; "
+                f"expected {LAYOUT}"
             )
+        _warn_ignored(image_dir, sorted(p.name for p in entries if p not in files), "not images")
         self.ids = [p.stem for p in files]
         if len(set(self.ids)) != len(self.ids):
             dupes = sorted({i for i in self.ids if self.ids.count(i) > 1})
             raise DataError(f"image folder {str(image_dir)!r} has duplicate ids: {dupes[:5]}")
         self.image_paths = files
         label_dir = folder / "labels"
-        self.label_paths: list[Path | None] = [
-            (label_dir / f"{i}.png") if (label_dir / f"{i}.png").is_file() else None
-            for i in self.ids
-        ]
+        labels = {}
+        if label_dir.is_dir():
+            labels = {
+                p.stem: p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+            }
+        self.label_paths: list[Path | None] = [labels.get(i) for i in self.ids]
+        _warn_ignored(label_dir, sorted(set(labels) - set(self.ids)), "labels with no image")
         self.class_names = read_class_names(folder, base)
         self.n_classes = len(self.class_names) if self.class_names else None
 
