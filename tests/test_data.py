@@ -708,6 +708,27 @@ def test_shards_from_before_label_encoding_read_their_png_labels(tmp_path: Path)
         ShardDataset(str(tmp_path / "old"), "x")
 
 
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: {"files": ["a.parquet"]}, "is not a SAN shard manifest (format None"),
+        (lambda m: [m], "is not a SAN shard manifest (format <class 'list'>"),
+        (lambda m: {**m, "shards": [{"file": "shard-00000.parquet"}]}, "is damaged: 'shards'"),
+        (lambda m: {k: v for k, v in m.items() if k != "shards"}, "is damaged: 'shards'"),
+    ],
+    ids=["other-tool", "not-an-object", "shard-without-rows", "no-shards"],
+)
+def test_foreign_or_damaged_manifest_is_one_line(tmp_path: Path, edit, expected) -> None:
+    """A manifest.json this project did not write was a KeyError('shards') traceback."""
+    write_shards(_records(3), str(tmp_path / "s"))
+    path = tmp_path / "s" / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    with pytest.raises(DataError) as info:
+        ShardDataset(str(tmp_path / "s"), "train")
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert str(path) in str(info.value)
+
+
 def test_training_stream_does_not_read_labels(tmp_path: Path) -> None:
     """The train transform drops labels, so sources skip reading and decoding them."""
     write_shards(_records(4), str(tmp_path / "shards"), shard_size=2)

@@ -89,6 +89,7 @@ SCHEMA = pa.schema(
     ]
 )
 MANIFEST = "manifest.json"
+SHARD_FORMAT = "san-parquet-shards"
 IMAGE_ENCODINGS = ("source", "raw")
 LABEL_ENCODINGS = ("png", "raw")
 # Rows per Parquet row group: the unit a reader holds in memory at once.
@@ -239,7 +240,7 @@ def write_shards(
     if not shards:
         raise DataError(f"no samples to write to {out_url}")
     manifest = {
-        "format": "san-parquet-shards",
+        "format": SHARD_FORMAT,
         "version": 1,
         "n_images": sum(s["rows"] for s in shards),
         "n_labelled": n_labelled,
@@ -297,6 +298,7 @@ class ShardDataset(ForkSafeFilesystem):
             raise DataError(
                 f"cannot read shard manifest under {self.url}: {first_line(exc)}"
             ) from None
+        self._check_manifest()
         self.image_encoding = self._encoding("image_encoding", "source", IMAGE_ENCODINGS)
         self.label_encoding = self._encoding("label_encoding", "png", LABEL_ENCODINGS)
         self.shards: list[dict] = self.manifest["shards"]
@@ -305,6 +307,26 @@ class ShardDataset(ForkSafeFilesystem):
         self._offsets = [0]
         for shard in self.shards:
             self._offsets.append(self._offsets[-1] + int(shard["rows"]))
+
+    def _check_manifest(self) -> None:
+        """A one-line DataError for a manifest.json that write_shards did not write (another
+        tool's, or edited by hand): its fields were a KeyError traceback."""
+        manifest = self.manifest
+        where = f"{self.root}/{MANIFEST}"
+        if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
+            raise DataError(
+                f"{where} is not a SAN shard manifest (format {found!r}, expected "
+                f"{SHARD_FORMAT!r}): write the shards with pipelines/prepare_data.py"
+            )
+        shards = manifest.get("shards")
+        if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards
+        ):
+            raise DataError(
+                f"{where} is damaged: 'shards' must list {{file, rows, sha256}} for each "
+                "shard; rewrite the shards with pipelines/prepare_data.py"
+            )
 
     def _encoding(self, key: str, default: str, known: tuple[str, ...]) -> str:
         """The manifest's `key` (`default` when absent: older manifests), if this version
