@@ -11,9 +11,10 @@ them with `data.dataset=shards data.root=<out>`.
 - Idempotent: a split whose complete manifest already records the same source fingerprint
   (count and hash of ids and file sizes) and options is left alone, and says so.
 - Never half-visible: shards are written under a temporary prefix, then moved into place
-  with the manifest last; an old manifest is removed before the first move, so readers
-  never take a mix of old and new files for a complete dataset. A failed run removes its
-  temporary prefix and leaves the old output untouched.
+  with the manifest last. A rewrite's shards take names of their own, so the old manifest
+  and its shards stay whole until the new manifest replaces it: readers never take a mix
+  of old and new files for a complete dataset, and a failed run (removing its temporary
+  prefix and what it had moved) leaves the old output untouched.
 - `--image-encoding raw` stores decoded pixels and label ids instead of the image and label
   files: no decode when training or evaluation reads them, at about 8x the storage for
   JPEGs (labels stay as small as their PNGs; see san/data/shards.py).
@@ -168,17 +169,36 @@ def records(source: Any, on_bad: str, skipped: list[dict]) -> Iterator[dict]:
         yield record
 
 
-def promote(tmp_url: str, dest_url: str, manifest: dict) -> None:
-    """Move shards from the temporary prefix into place, manifest last; drop stale shards."""
+def promote(tmp_url: str, dest_url: str, manifest: dict, write_id: str) -> None:
+    """Move shards from the temporary prefix into place, then the manifest, then drop the
+    shards it no longer lists.
+
+    Over an existing dataset the new shards take names of their own (shard-<write_id>-
+    NNNNN.parquet), so the old manifest and every shard it lists stay whole until the new
+    manifest replaces it in one write: a move that fails (disk full, a lost connection)
+    leaves the old dataset as it was, and the new shards already moved are removed.
+    """
     fs, tmp = filesystem(tmp_url)
     _, dest = filesystem(dest_url)
     fs.makedirs(dest, exist_ok=True)
-    if fs.isfile(f"{dest}/{MANIFEST}"):
-        fs.rm(f"{dest}/{MANIFEST}")
+    rewrite = fs.exists(f"{dest}/{MANIFEST}")
+    moves = []
+    for shard in manifest["shards"]:
+        written = shard["file"]  # shard-NNNNN.parquet
+        if rewrite:
+            shard["file"] = f"shard-{write_id}-{written.removeprefix('shard-')}"
+        moves.append((f"{tmp}/{written}", f"{dest}/{shard['file']}"))
+    moved = []
+    try:
+        for source, target in moves:
+            fs.mv(source, target)
+            moved.append(target)
+        write_bytes_atomic(join(dest_url, MANIFEST), json.dumps(manifest, indent=2).encode())
+    except BaseException:
+        for path in moved:
+            fs.rm(path)
+        raise
     keep = {s["file"] for s in manifest["shards"]}
-    for name in sorted(keep):
-        fs.mv(f"{tmp}/{name}", f"{dest}/{name}")
-    write_bytes_atomic(join(dest_url, MANIFEST), json.dumps(manifest, indent=2).encode())
     for path in fs.ls(dest, detail=False):
         name = str(path).rstrip("/").rsplit("/", 1)[-1]
         if name.startswith("shard-") and name.endswith(".parquet") and name not in keep:
@@ -210,7 +230,8 @@ def prepare_split(args: argparse.Namespace, source_url: str, out_url: str, split
         return _summary(existing, "unchanged", dest)
 
     fs, out_root = filesystem(out_url)
-    tmp = join(out_url, f".tmp-{split}-{uuid.uuid4().hex[:12]}")
+    write_id = uuid.uuid4().hex[:12]
+    tmp = join(out_url, f".tmp-{split}-{write_id}")
     skipped: list[dict] = []
     log.info("%s: writing %d images from %s to %s", split, len(source), source_url, dest)
     try:
@@ -233,7 +254,7 @@ def prepare_split(args: argparse.Namespace, source_url: str, out_url: str, split
                 "skipped": skipped,
             }
         )
-        promote(tmp, dest, manifest)
+        promote(tmp, dest, manifest, write_id)
     except DataError as exc:
         raise UserError(str(exc)) from None
     except OSError as exc:

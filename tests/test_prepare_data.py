@@ -179,11 +179,39 @@ def test_changed_source_is_rewritten(tmp_path: Path, capsys: pytest.CaptureFixtu
     main(_args(source, out))
     summary = last_json(capsys.readouterr().out)["splits"]["train"]
     assert (summary["status"], summary["n_images"]) == ("written", 3)
-    assert sorted(p.name for p in (out / "train").iterdir()) == [
-        "manifest.json", "shard-00000.parquet", "shard-00001.parquet"
-    ]  # fmt: skip
+    rewritten = manifest_of(out / "train")["shards"]
+    assert len(rewritten) == 2 and all(s["file"].startswith("shard-") for s in rewritten)
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
+        ["manifest.json"] + [s["file"] for s in rewritten]
+    )  # the stale third shard is gone
+    ShardDataset(str(out), "train").verify()
     main(_args(source, out, "--shard-size", "3"))  # other options: rewritten too
     assert last_json(capsys.readouterr().out)["splits"]["train"]["status"] == "written"
+
+
+def test_failed_rewrite_leaves_the_old_shards_whole(tmp_path: Path) -> None:
+    """A rewrite whose move into place fails (here a shard lost from the temporary prefix;
+    disk full or a dropped connection alike) used to have removed the old manifest and
+    overwritten old shards by then: neither dataset was left. Now the old one reads as
+    before, and none of the new shards stays behind."""
+    from pipelines.prepare_data import promote
+    from san.data import write_shards
+
+    source = _folder(tmp_path / "src", n=5)
+    out = tmp_path / "out"
+    main(_args(source, out))
+    before = sorted(p.name for p in (out / "train").iterdir())
+    old = [s["id"] for s in ShardDataset(str(out), "train").iter_partition(0, 1, 0, False, 0)]
+
+    records = list(FolderDataset(str(source), "train").iter_records())[:4]
+    manifest = write_shards(records, str(tmp_path / "tmp"), shard_size=2)
+    (tmp_path / "tmp" / manifest["shards"][1]["file"]).unlink()
+    with pytest.raises(FileNotFoundError):
+        promote(str(tmp_path / "tmp"), str(out / "train"), manifest, "abc")
+    assert sorted(p.name for p in (out / "train").iterdir()) == before
+    dataset = ShardDataset(str(out), "train")
+    dataset.verify()
+    assert [s["id"] for s in dataset.iter_partition(0, 1, 0, False, 0)] == old
 
 
 def test_raw_image_encoding(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
