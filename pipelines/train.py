@@ -72,6 +72,7 @@ def preflight_data(cfg: Config) -> None:
         splits = dict.fromkeys((cfg.data.train_split, cfg.data.val_split))
         sources = {split: create_dataset(cfg.data, split) for split in splits}
         n_classes = eval_classes(cfg, sources[cfg.data.val_split])
+        _warn_if_splits_share_images(cfg, sources)
         for split, source in sources.items():
             if len(source) == 0:
                 raise DataError(
@@ -98,6 +99,30 @@ def preflight_data(cfg: Config) -> None:
                     )
     except DataError as exc:
         raise UserError(str(exc)) from None
+
+
+def _warn_if_splits_share_images(cfg: Config, sources: dict) -> None:
+    """The folder and shard layouts read <root> itself for a split that has no folder of its
+    own: a data.root pointing into one split (camvid/train) then evaluates on the training
+    images. Legitimate for a single unsplit set, so a warning, not an error."""
+    from san.data import FolderDataset, ShardDataset
+
+    def location(source) -> str | None:
+        if isinstance(source, FolderDataset):
+            return str(source.folder)
+        return source.root if isinstance(source, ShardDataset) else None
+
+    train, val = (sources[split] for split in (cfg.data.train_split, cfg.data.val_split))
+    if train is not val and location(train) is not None and location(train) == location(val):
+        log.warning(
+            "splits %r and %r both read %s (it has no %s/ or %s/ folder): evaluation scores "
+            "the training images; point data.root at the folder that holds both splits",
+            cfg.data.train_split,
+            cfg.data.val_split,
+            location(train),
+            cfg.data.train_split,
+            cfg.data.val_split,
+        )
 
 
 def _spread_samples(source, n: int):

@@ -198,6 +198,24 @@ def test_class_count_that_disagrees_with_the_class_names(tmp_path):
     preflight_data(load_config(TINY, overrides))
 
 
+def test_splits_read_from_one_folder_are_named(tmp_path, caplog):
+    """data.root=<data>/train: both splits fell back to that folder's images/ and the run
+    evaluated on its training images without a word."""
+    from pipelines.train import preflight_data
+    from san.config import load_config
+
+    root = write_folder(tmp_path / "data")
+    overrides = ["data.dataset=folder", "data.image_size=32", "data.n_classes=3"]
+    with caplog.at_level("WARNING", logger="san"):
+        preflight_data(load_config(TINY, [*overrides, f"data.root={root / 'train'}"]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("splits 'train' and 'val' both read" in w for w in warnings), warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="san"):
+        preflight_data(load_config(TINY, [*overrides, f"data.root={root}"]))
+    assert not [r for r in caplog.records if "both read" in r.getMessage()]
+
+
 def test_train_labels_are_needed_only_by_the_probe(tmp_path):
     """Unsupervised training never reads train labels: without the probe, an unlabelled
     (or differently labelled) train split passes the pre-flight."""
