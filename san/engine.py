@@ -371,7 +371,9 @@ def probe_pixels(
     """The linear probe's fitting sample: `per_image` random labelled pixel embeddings
     (float32 [N, D]) and their class ids ([N]) from each of the first `max_images` images
     of `batches` (batches as `evaluate` takes them). Embeddings are taken at their own
-    resolution, labels sampled nearest; images without labelled pixels give none."""
+    resolution, each with the label at its cell's centre (nearest-exact: where `evaluate`'s
+    bilinear upsampling puts the cell; plain nearest took the cell's top-left pixel, 3.5 px
+    off at stride 8); images without labelled pixels give none."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     feats: list[torch.Tensor] = []
@@ -380,7 +382,7 @@ def probe_pixels(
         with autocast(device, precision):
             z = model(images)["z"].float()
         small = torch.nn.functional.interpolate(
-            labels[:, None].float(), size=z.shape[-2:], mode="nearest"
+            labels[:, None].float(), size=z.shape[-2:], mode="nearest-exact"
         )[:, 0].long()
         for image_feats, lab in zip(z.cpu(), small.cpu(), strict=True):
             flat_lab = lab.flatten()

@@ -366,6 +366,19 @@ def test_probe_sample_is_bounded():
     assert len(read) == 2  # no batch is read past the cap
 
 
+def test_probe_labels_are_taken_at_the_embedding_cells_centres():
+    """Each embedding cell of the fitting sample gets the label at its centre, where
+    evaluation's bilinear upsampling places it; plain nearest took the top-left pixel."""
+    cfg = load_config(None, TINY)
+    model = create_model(cfg).eval()
+    stride = cfg.model.stride
+    labels = torch.zeros(1, 32, 32, dtype=torch.long)
+    labels[:, ::stride, ::stride] = 1  # each cell's top-left pixel
+    batches = [{"image": torch.randn(1, 3, 32, 32), "label": labels}]
+    _, ids = probe_pixels(model, batches, torch.device("cpu"), per_image=64, max_images=1)
+    assert ids.numel() == (32 // stride) ** 2 and (ids == 0).all()
+
+
 def test_evaluate_scores_the_probe_on_every_labelled_pixel():
     """The probe's confusion matrix counts every labelled val pixel once, its prediction
     being the probe's logits on the embedding map, upsampled as the clusters' are."""
