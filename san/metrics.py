@@ -14,6 +14,8 @@ JSON-dumped or sent to MLflow as is.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -198,13 +200,21 @@ def segmentation_scores(
     return scores
 
 
+def class_metric_name(class_name: str) -> str:
+    """The per-class metric's name part for a class: its characters other than letters,
+    digits, "_-.:/" and space become "_". Metric names allow only those (MLflow refuses a
+    batch with one bad key, so a class called "road (paved)" lost every metric of a run)."""
+    return re.sub(r"[^\w\-.:/ ]", "_", class_name, flags=re.ASCII)
+
+
 def scalar_metrics(scores: dict, prefix: str = "") -> dict[str, float]:
-    """Flatten `segmentation_scores` output into {name: float} for MLflow's log_metrics."""
+    """Flatten `segmentation_scores` output into {name: float} for MLflow's log_metrics:
+    pixel_accuracy, miou and iou/<`class_metric_name`> for each class present."""
     out = {f"{prefix}pixel_accuracy": scores["pixel_accuracy"], f"{prefix}miou": scores["miou"]}
     names = scores.get("class_names") or [str(i) for i in range(len(scores["per_class_iou"]))]
     for name, iou, present in zip(names, scores["per_class_iou"], scores["present"], strict=True):
         if present:
-            out[f"{prefix}iou/{name}"] = iou
+            out[f"{prefix}iou/{class_metric_name(name)}"] = iou
     return out
 
 

@@ -130,3 +130,26 @@ def test_this_checkouts_version_is_what_git_says() -> None:
     dirty = bool(git(ROOT, "status", "--porcelain", "--untracked-files=no"))
     assert source.version["dirty"] == str(dirty).lower()
     assert bool(source.diff) == dirty
+
+
+def test_any_class_name_gives_metrics_mlflow_accepts(tmp_path: Path) -> None:
+    """Per-class IoU is named after the data's classes. MLflow refuses a batch with one
+    name it does not allow: a class called "road (paved)" made the run logger take it for
+    an outage and hold back every later metric of the run."""
+    import numpy as np
+
+    from san.metrics import scalar_metrics, segmentation_scores
+
+    names = ["road (paved)", "car,truck", "sign/symbol", "Straße", "sky"]
+    matrix = np.diag([5, 4, 3, 2, 1])
+    metrics = scalar_metrics(segmentation_scores(matrix, class_names=names))
+    assert {"iou/road _paved_", "iou/car_truck", "iou/sign/symbol", "iou/Stra_e", "iou/sky"} <= set(
+        metrics
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_client = MlflowClient(uri)
+    run_id = mlflow_client.create_run(mlflow_client.create_experiment("names")).info.run_id
+    logger = tracking.RunLogger(run_id, uri)
+    logger.metrics(metrics, step=1)
+    assert not logger.failing and not logger.pending_metrics
+    assert mlflow_client.get_run(run_id).data.metrics == metrics
