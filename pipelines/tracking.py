@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.common import (
     ROOT,
     STOPPED_BY_SCHEDULER,
+    UserError,
     code_version,
     sqlite_database,
     tracking_uri,
@@ -66,12 +67,22 @@ def experiment_id(name: str) -> str:
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
+def _quoted(value: str) -> str:
+    """`value` as a string in an MLflow search filter, in whichever quotes it does not
+    hold (run.name holds neither: san.config; a storage path may hold an apostrophe)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise UserError(f"{value!r} holds both kinds of quote, which MLflow cannot search for")
+
+
 def find_run(cfg: Config, storage: str) -> str | None:
     """The run of an earlier job with the same name and storage (so a rerun resumes it)."""
     runs = client().search_runs(
         [experiment_id(cfg.run.experiment)],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.run.name}' "
-        f"and tags.`{STORAGE_TAG}` = '{storage}'",
+        filter_string=f"tags.`{RUN_NAME_TAG}` = {_quoted(cfg.run.name)} "
+        f"and tags.`{STORAGE_TAG}` = {_quoted(storage)}",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None

@@ -359,9 +359,12 @@ def validate(cfg: Config) -> Config:
         (cfg.loss.w_mi, cfg.loss.w_con, cfg.loss.w_rec, cfg.loss.w_orth)
     ):
         raise ConfigError("all four loss weights are 0; set at least one of loss.w_* > 0")
-    if cfg.run.name.strip() != cfg.run.name or not cfg.run.name or "/" in cfg.run.name:
+    name = cfg.run.name
+    if name.strip() != name or not name or any(c in name for c in "/'\"`"):
+        # It names a storage folder, and MLflow searches runs by it in a quoted filter.
         raise ConfigError(
-            f"run.name={cfg.run.name!r} must be non-empty, without '/' or surrounding spaces"
+            f"run.name={name!r} must be non-empty, without /, quotes, backticks or "
+            "surrounding spaces"
         )
     return cfg
 

@@ -54,6 +54,8 @@ def test_overrides_are_typed():
         ("optim.compile=maybe", "optim.compile='maybe' has the wrong type; expected a bool"),
         ("data.image_size=100", "must be a multiple of model.vit_patch_size"),
         ("tau=0.1", "must look like section.key"),
+        # MLflow finds a run by name in a quoted filter: a quote was a traceback there.
+        ("run.name=bob's-run", 'run.name="bob\'s-run" must be non-empty, without /, quotes'),
         ("data.shard_cache=s3://b/cache", "data.shard_cache='s3://b/cache' must be a local"),
     ],
 )

@@ -153,3 +153,13 @@ def test_any_class_name_gives_metrics_mlflow_accepts(tmp_path: Path) -> None:
     logger.metrics(metrics, step=1)
     assert not logger.failing and not logger.pending_metrics
     assert mlflow_client.get_run(run_id).data.metrics == metrics
+
+
+def test_a_run_is_found_again_under_storage_with_an_apostrophe(tmp_path: Path, monkeypatch):
+    """find_run put the storage path in single quotes: /home/o'brien/runs broke the filter."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(None, ["run.name=resumable"])
+    storage = str(tmp_path / "o'brien" / "runs")
+    assert tracking.find_run(cfg, storage) is None
+    run_id, resumed = tracking.start_run(cfg, storage)
+    assert not resumed and tracking.find_run(cfg, storage) == run_id
