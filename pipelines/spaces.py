@@ -230,27 +230,36 @@ def _parse_param(path: str, key: str, spec: Any) -> Param:
     return Param(key, kind, low=low, high=high)
 
 
-def _candidates(param: Param) -> list[tuple[str, dict[str, Any]]]:
-    """Concrete settings to check against the config: every listed value, range endpoints."""
+def _candidates(param: Param) -> list[tuple[str, dict[str, Any], str]]:
+    """Concrete settings to check against the config, each with what to add to the error:
+    every listed value, range endpoints (and a value inside a float range)."""
+    entry = f"params.{param.key}"
     if param.is_group:
-        return [(f"params.{param.key}.{k}", v) for k, v in param.variants.items()]
+        return [(f"{entry}.{k}", v, "") for k, v in param.variants.items()]
     if param.kind in ("choice", "grid"):
-        return [(f"params.{param.key}", {param.key: v}) for v in param.values]
+        return [(entry, {param.key: v}, "") for v in param.values]
     if param.kind == "randint":
-        low, high = int(param.low), int(param.high)
-        return [(f"params.{param.key}", {param.key: v}) for v in (low, high)]
-    return [(f"params.{param.key}", {param.key: v}) for v in (param.low, param.high)]
+        return [(entry, {param.key: v}, "") for v in (int(param.low), int(param.high))]
+    # Tune samples floats between the bounds: one inside the range catches an int setting
+    # given integer bounds, which passed here and then failed in every trial.
+    inside = param.low + 0.37 * (param.high - param.low)
+    if param.kind == "loguniform":
+        inside = param.low * (param.high / param.low) ** 0.37
+    hint = f" ({param.kind} samples floats between the bounds; an int setting needs randint)"
+    return [(entry, {param.key: v}, "") for v in (param.low, param.high)] + [
+        (entry, {param.key: inside}, hint)
+    ]
 
 
 def check_against_config(space: Space, values: dict[str, Any]) -> None:
     """Every candidate value must make a valid config on top of `values` (nested dict)."""
-    for entry, overrides in [("config", space.config)] + [
+    for entry, overrides, hint in [("config", space.config, "")] + [
         c for p in space.params for c in _candidates(p)
     ]:
         try:
             from_dict(apply_values(values, overrides))
         except ConfigError as exc:
-            raise _fail(space.path, entry, str(exc)) from None
+            raise _fail(space.path, entry, f"{exc}{hint}") from None
 
 
 def check_metric(space: Space, cfg: Config) -> None:
@@ -278,7 +287,7 @@ def check_models(space: Space, cfg: Config) -> None:
 
     check_model_config(cfg)
     values = cfg.to_dict()
-    for entry, overrides in [c for p in space.params for c in _candidates(p)]:
+    for entry, overrides, _ in [c for p in space.params for c in _candidates(p)]:
         if any(str(key).startswith("model.") for key in overrides):
             try:
                 check_model_config(from_dict(apply_values(values, overrides)))

@@ -71,6 +71,9 @@ def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
         ("params: {model.tau: {uniform: [0.5, 0.1]}}", "params.model.tau"),
         ("params: {optim.lr: {loguniform: [0, 0.1]}}", "params.optim.lr"),
         ("params: {model.n_clusters: {randint: [2.5, 8]}}", "params.model.n_clusters"),
+        # integer bounds on an int setting: accepted, then every trial failed on a float
+        ("params: {model.n_clusters: {uniform: [4, 8]}}", "params.model.n_clusters"),
+        ("params: {optim.max_steps: {loguniform: [10, 100]}}", "params.optim.max_steps"),
         ("params: {model.n_clusters: {choice: [1, 4]}}", "params.model.n_clusters"),
         ("params: {model.tau: {choice: []}}", "params.model.tau"),
         ("params: {model.tau: {choice: [0.1], grid: [0.2]}}", "params.model.tau"),
@@ -109,6 +112,8 @@ def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry
     message = str(info.value)
     assert "\n" not in message
     assert f"entry {entry!r}" in message, message
+    if "uniform: [" in text and "n_clusters" in text or "max_steps" in text:
+        assert "samples floats between the bounds; an int setting needs randint" in message
 
 
 def test_a_config_given_as_space_is_named_as_such() -> None:
