@@ -72,14 +72,17 @@ def target_run(state: dict, uri: str, cfg: Config) -> str:
     return run.info.run_id
 
 
-def register(model, run_id: str, name: str, alias: str) -> dict:
-    """Log the model into the run and register it as a version with an alias."""
+def register(model, run_id: str, name: str, alias: str, tags: dict[str, str]) -> dict:
+    """Log the model into the run and register it as a version with an alias, the version
+    tagged with `tags` (which checkpoint, which step, what it scored)."""
     import mlflow
     import mlflow.pytorch
 
     from pipelines.common import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
+    mlflow_client = mlflow.MlflowClient(tracking_uri())
+    status = mlflow_client.get_run(run_id).info.status
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model.cpu(),
@@ -87,8 +90,14 @@ def register(model, run_id: str, name: str, alias: str) -> dict:
             serialization_format="pickle",  # the model class is importable from san
             pip_requirements=["torch", "timm", "san-platform"],
         )
+    # Leaving start_run closes the run as FINISHED: a sweep's KILLED trial, a FAILED run
+    # or one still training keeps the status it had.
+    if mlflow_client.get_run(run_id).info.status != status:
+        mlflow_client.update_run(run_id, status=status)
     version = mlflow.register_model(info.model_uri, name)
-    mlflow.MlflowClient(tracking_uri()).set_registered_model_alias(name, alias, version.version)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version.version, key, value)
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
     return {"name": name, "version": int(version.version), "alias": alias}
 
 
@@ -116,10 +125,14 @@ def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, ali
     logger.close(
         os.path.join(tempfile.gettempdir(), "san-mlflow-spill")
     )  # spills if MLflow is down
-    tracking.log_json(run_id, {"checkpoint": checkpoint, **evaluation.scores}, "eval/scores.json")
+    # One record per checkpoint, as the pictures: evaluating another keeps this one.
+    scores = {"checkpoint": checkpoint, "step": step, **evaluation.scores}
+    tracking.log_json(run_id, scores, f"eval/step_{step:07d}_scores.json")
     result = {"mlflow_run_id": run_id, "checkpoint": checkpoint, "metrics": evaluation.metrics}
     if register_as:
-        result["registered"] = register(model, run_id, register_as, alias)
+        tags = {"checkpoint_uri": checkpoint, "step": str(step)}
+        tags |= {f"eval.{k}": f"{v:.6g}" for k, v in evaluation.metrics.items()}
+        result["registered"] = register(model, run_id, register_as, alias, tags)
     return result
 
 

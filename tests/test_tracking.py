@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
@@ -163,3 +164,43 @@ def test_a_run_is_found_again_under_storage_with_an_apostrophe(tmp_path: Path, m
     assert tracking.find_run(cfg, storage) is None
     run_id, resumed = tracking.start_run(cfg, storage)
     assert not resumed and tracking.find_run(cfg, storage) == run_id
+
+
+def test_evaluating_and_registering_checkpoints_keeps_each_record(tmp_path: Path, monkeypatch):
+    """evaluate.py --register used to close the training run as FINISHED (a sweep's KILLED
+    trial, a run still training), to overwrite eval/scores.json with each checkpoint it
+    evaluated, and to register versions that named no checkpoint."""
+
+    from pipelines.evaluate import evaluate
+    from san import storage
+    from san.models import create_model
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.probe_steps=0"])
+    mlflow_client = MlflowClient(tracking.tracking_uri())
+    run_id = mlflow_client.create_run(tracking.experiment_id(cfg.run.experiment)).info.run_id
+    mlflow_client.set_terminated(run_id, "KILLED")  # as ASHA leaves a stopped trial
+    model = create_model(cfg)
+    results = {}
+    for step in (3, 6):
+        uri = str(tmp_path / "run" / f"checkpoint_{step:07d}")
+        state = {"model": model.state_dict(), "step": step, "mlflow_run_id": run_id}
+        storage.save_checkpoint(uri, state, cfg.to_dict())
+        results[step] = evaluate(uri, [], "san-tiny", "champion")
+        assert results[step]["mlflow_run_id"] == run_id
+        assert mlflow_client.get_run(run_id).info.status == "KILLED"
+
+    records = {a.path for a in mlflow_client.list_artifacts(run_id, "eval")}
+    assert {"eval/step_0000003_scores.json", "eval/step_0000006_scores.json"} <= records
+    for step in (3, 6):
+        registered = results[step]["registered"]
+        version = mlflow_client.get_model_version("san-tiny", str(registered["version"]))
+        assert version.tags["checkpoint_uri"].endswith(f"checkpoint_{step:07d}")
+        assert version.tags["step"] == str(step)
+        assert float(version.tags["eval.miou"]) == pytest.approx(
+            results[step]["metrics"]["miou"], rel=1e-5
+        )
+    alias = mlflow_client.get_model_version_by_alias("san-tiny", "champion")
+    assert int(alias.version) == results[6]["registered"]["version"]
