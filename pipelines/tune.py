@@ -457,8 +457,37 @@ def concurrency_that_fits(space: Space, cfg: Config, cluster_cpus: float) -> int
     return space.max_concurrent
 
 
-def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpus: int | None):
-    """Create or resume the sweep, run it, record it in MLflow; return the result summary."""
+def sweep_num_samples(
+    space: Space, parent_cfg: Config, storage: str, asked: int | None, resume: bool
+) -> int:
+    """--num-samples, else the space's; on --resume, what the sweep started with.
+
+    Tune restores a sweep with its original sample count whatever is asked: a different
+    count made the sweep compare its trials with a number it could never reach, and end
+    KILLED ("rerun with --resume") on every resume.
+    """
+    from pipelines import tracking
+
+    if not resume:
+        return asked or space.num_samples
+    run_id = tracking.find_run(parent_cfg, storage)
+    params = tracking.client().get_run(run_id).data.params if run_id else {}
+    started = params.get("sweep.num_samples")
+    if started is None:  # its MLflow run is elsewhere: Tune alone knows
+        return asked or space.num_samples
+    if asked is not None and asked != int(started):
+        raise UserError(
+            f"sweep {parent_cfg.run.name!r} was started with --num-samples {started}; "
+            f"resume it with that (or without --num-samples), not {asked}"
+        )
+    return int(started)
+
+
+def run_sweep(
+    space: Space, cfg: Config, num_samples: int | None, resume: bool, num_cpus: int | None
+):
+    """Create or resume the sweep, run it, record it in MLflow; return the result summary.
+    `num_samples`: --num-samples (None: the space's, or on resume the sweep's own)."""
     from pyarrow import fs as pafs
     from ray import tune
 
@@ -479,6 +508,8 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
         )
     if resume and not exists:
         raise UserError(f"no sweep {name!r} under {storage} to resume")
+    parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
+    num_samples = sweep_num_samples(space, parent_cfg, storage, num_samples, resume)
     init_ray(num_cpus)
     if on_local_ray():
         import ray
@@ -487,7 +518,6 @@ def run_sweep(space: Space, cfg: Config, num_samples: int, resume: bool, num_cpu
         check_local_gpus(cfg.run, have.get("GPU", 0))
         fits = concurrency_that_fits(space, cfg, have.get("CPU", 0.0))
         space = dataclasses.replace(space, max_concurrent=fits)
-    parent_cfg = from_dict({**cfg.to_dict(), "run": {**cfg.to_dict()["run"], "name": name}})
     source = tracking.CodeSource.of_this_process()
     parent_run_id, reopened = tracking.start_run(parent_cfg, storage, source=source)
     mlflow_client = tracking.client()
@@ -612,8 +642,7 @@ def main() -> None:
     if args.num_samples is not None and args.num_samples < 1:
         raise UserError(f"--num-samples={args.num_samples} must be >= 1")
     cfg = sweep_config(space, args.config, args.overrides)
-    num_samples = args.num_samples or space.num_samples
-    print_result(run_sweep(space, cfg, num_samples, args.resume, args.num_cpus))
+    print_result(run_sweep(space, cfg, args.num_samples, args.resume, args.num_cpus))
 
 
 if __name__ == "__main__":

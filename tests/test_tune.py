@@ -112,6 +112,31 @@ def test_training_loop_sees_when_the_scheduler_stopped_its_run(tmp_path: Path) -
     assert not RunLogger("no-such-run", uri).stopped_by_scheduler()
 
 
+def test_a_resumed_sweep_keeps_its_sample_count(tmp_path: Path, monkeypatch) -> None:
+    """Tune restores a sweep with its own num_samples: a resume that asked another made the
+    summary wait for trials that never come, ending KILLED on every resume."""
+    from pipelines import tracking
+    from pipelines.common import UserError
+    from pipelines.spaces import load_space
+    from pipelines.tune import sweep_num_samples
+    from san.config import load_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    space = load_space(ROOT / "tune_spaces" / "quick.yaml")
+    parent = load_config(None, ["run.name=sweep"])
+    storage = str(tmp_path / "ray")
+    assert sweep_num_samples(space, parent, storage, None, False) == space.num_samples
+    assert sweep_num_samples(space, parent, storage, 5, False) == 5
+    run_id, _ = tracking.start_run(parent, storage)
+    tracking.client().log_param(run_id, "sweep.num_samples", "2")
+    assert sweep_num_samples(space, parent, storage, None, True) == 2
+    assert sweep_num_samples(space, parent, storage, 2, True) == 2
+    with pytest.raises(UserError, match="started with --num-samples 2; resume it with that"):
+        sweep_num_samples(space, parent, storage, 3, True)
+    elsewhere = load_config(None, ["run.name=unknown"])  # no MLflow run: as asked
+    assert sweep_num_samples(space, elsewhere, storage, 3, True) == 3
+
+
 def test_sweep_trials_wait_for_checkpoint_uploads() -> None:
     """run.checkpoint_upload=auto: a training run uploads in the background, a sweep's trial
     waits, as Ray Train passes a checkpoint's metrics to the scheduler only once uploaded
@@ -292,9 +317,14 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     done = finished[0]
     before = client.get_metric_history(done.info.run_id, "miou")
 
-    # A plain rerun refuses to overwrite the sweep; --resume continues it.
+    # A plain rerun refuses to overwrite the sweep; --resume continues it, with the
+    # sample count it started with (another ended KILLED on every resume).
     again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "--resume" in again.stderr
+    other = [*args, "--resume", "--num-samples", "3"]
+    again = subprocess.run(other, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert "was started with --num-samples 2; resume it with that" in again.stderr
     resumed = subprocess.run(
         [*args, "--resume"], env=env, capture_output=True, text=True, timeout=900
     )
