@@ -97,6 +97,14 @@ def eval_classes(cfg: Config, source) -> int:
     return n_classes
 
 
+def eval_class_names(cfg: Config) -> list[str]:
+    """The names evaluation reports per-class IoU under (iou/<name>): the val data's class
+    names, else its class ids."""
+    source = create_dataset(cfg.data, cfg.data.val_split)
+    n_classes = eval_classes(cfg, source)
+    return list(source.class_names) if source.class_names else [str(i) for i in range(n_classes)]
+
+
 def eval_loader(cfg: Config, source, rank: int = 0, world_size: int = 1) -> DataLoader:
     """This rank's part of `source` in evaluation batches (uint8 images, labels), read in
     this process. A loader worker measured only about 5% faster (CamVid val, 32 px, 2-core

@@ -262,9 +262,28 @@ def check_against_config(space: Space, values: dict[str, Any]) -> None:
             raise _fail(space.path, entry, f"{exc}{hint}") from None
 
 
+def check_class_metric(space: Space, class_names: list[str]) -> None:
+    """An iou/<class> metric must name one of the val split's classes (`class_names`, as
+    evaluation names them), which every evaluation reports: Tune ends the sweep in a
+    traceback at the first result that lacks its metric."""
+    from san.metrics import class_metric_name
+
+    if not space.metric.startswith("iou/"):
+        return
+    known = [f"iou/{class_metric_name(name)}" for name in class_names]
+    if space.metric not in known:
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        raise _fail(
+            space.path,
+            "metric",
+            f"{space.metric!r} names no class of the data; choose from {shown}",
+        )
+
+
 def check_metric(space: Space, cfg: Config) -> None:
     """The space's metric must be one the trials report: a typo would otherwise end the
-    sweep after its first trial's first evaluation, in a Tune traceback."""
+    sweep after its first trial's first evaluation, in a Tune traceback. (iou/<class> is
+    checked against the data's classes once the data is read: `check_class_metric`.)"""
     from pipelines.loop import PROBE_METRICS, REPORTED_METRICS
 
     reported = REPORTED_METRICS + (PROBE_METRICS if cfg.run.probe_steps else ())

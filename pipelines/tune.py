@@ -48,6 +48,7 @@ from pipelines.spaces import (  # noqa: E402
     Space,
     apply_values,
     check_against_config,
+    check_class_metric,
     check_metric,
     check_models,
     load_space,
@@ -492,12 +493,14 @@ def run_sweep(
     from ray import tune
 
     from pipelines import tracking
+    from pipelines.loop import eval_class_names
     from pipelines.train import preflight_data
 
     started = time.perf_counter()
     storage = resolve_storage(cfg.run.storage)
     name = sweep_name(space, cfg)
     preflight_data(cfg)  # else a missing folder fails in every trial, after Ray's restarts
+    check_class_metric(space, eval_class_names(cfg))
     check_services(cfg)
     filesystem, exp_path = experiment_location(storage, name)
     exists = filesystem.get_file_info(exp_path).type != pafs.FileType.NotFound

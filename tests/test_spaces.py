@@ -168,3 +168,24 @@ def test_searching_k_on_many_to_one_miou_is_warned_about(tmp_path: Path, caplog)
         caplog.clear()
         sweep_config(load_space(write(tmp_path, base + text)), None, [])
         assert ("miou_one_to_one compares K" in caplog.text) == warned, text
+
+
+def test_a_class_metric_must_name_a_class_of_the_data(tmp_path: Path) -> None:
+    """metric: iou/region9 on 5-class data passed, then Tune ended the sweep in a traceback
+    at the first result without it. Checked against the val data's class names, as
+    evaluation writes them (characters metric names refuse become _)."""
+    from pipelines.loop import eval_class_names
+    from pipelines.spaces import check_class_metric
+
+    def space(metric: str):
+        text = f"base_config: pipelines/configs/tiny.yaml\nmetric: {metric}\n"
+        return load_space(write(tmp_path, text + "params: {model.tau: {choice: [0.1]}}"))
+
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["data.synthetic_classes=5"])
+    names = eval_class_names(cfg)
+    assert names == [f"region{i}" for i in range(5)]
+    check_class_metric(space("iou/region4"), names)
+    check_class_metric(space("miou"), names)  # not a class metric: check_metric's
+    with pytest.raises(SpaceError, match="'iou/region9' names no class of the data; choose"):
+        check_class_metric(space("iou/region9"), names)
+    check_class_metric(space("'iou/road _paved_'"), ["road (paved)", "sky"])
