@@ -253,13 +253,39 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume the optimiser, schedule and loss scaler, under this run's settings.
+
+        What the saved state would otherwise carry over, and this Trainer corrects:
+        - the param groups' kernel choice (unfused from a CPU checkpoint written before
+          AdamW was fused there): the one made for this device;
+        - the moments' memory layout: saved under another optim.channels_last, the fused
+          kernel paired each weight with its moments' elements in the wrong order (a
+          silent drift of 0.15 in one step of lr 0.1);
+        - optim.lr and optim.weight_decay: the saved ones won, while the run recorded the
+          new values as in use; the schedule then restarts from the new base rate at the
+          saved step;
+        - the loss scaler: an fp16 run on a GPU resumed from a checkpoint saved without one
+          (float32, bf16, or fp16 on CPU workers) failed to load its empty state.
+        """
         self.optimizer.load_state_dict(state["optimizer"])
-        # A saved state brings its param groups' kernel choice along (unfused from a CPU
-        # checkpoint written before AdamW was fused there); keep the one made for this device.
-        for group in self.optimizer.param_groups:
+        decay = self.cfg.optim.weight_decay
+        for group, weight_decay in zip(self.optimizer.param_groups, (decay, 0.0), strict=True):
             group["fused"] = self.optimizer.defaults["fused"]
+            group["initial_lr"] = self.cfg.optim.lr
+            group["weight_decay"] = weight_decay
+            for param in group["params"]:
+                for key, value in self.optimizer.state.get(param, {}).items():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        if value.stride() != param.stride():
+                            self.optimizer.state[param][key] = torch.empty_like(param).copy_(value)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self.scheduler.base_lrs = [self.cfg.optim.lr] * len(self.optimizer.param_groups)
+        for group, factor in zip(
+            self.optimizer.param_groups, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = self.cfg.optim.lr * factor(self.scheduler.last_epoch)
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 def split_outputs(outputs: dict[str, torch.Tensor], n: int) -> tuple[dict, dict]:

@@ -6,6 +6,7 @@ through one real `Trainer.step` here: the loss is finite and the parameters move
 """
 
 import ast
+import copy
 import os
 import subprocess
 import sys
@@ -229,6 +230,67 @@ def test_adamw_is_fused_on_cpu_and_takes_over_an_unfused_state():
     resumed.optimizer.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _stepped_with(trainer: Trainer, grads: list[torch.Tensor]) -> None:
+    for param, grad in zip(trainer.model.parameters(), grads, strict=True):
+        param.grad = torch.empty_like(param).copy_(grad)  # the parameter's layout
+    trainer.optimizer.step()
+
+
+def test_resume_under_another_channels_last_keeps_the_moments_with_their_weights():
+    """The fused AdamW reads each moment in its parameter's memory order: moments saved
+    under optim.channels_last=true and loaded into plain weights (or the reverse) were
+    paired with the wrong elements, a silent drift. Now the step after either resume equals
+    the step after a resume in the saved layout."""
+    cfg = load_config(None, [*TINY, "optim.channels_last=true", "optim.lr=0.1"])
+    torch.manual_seed(0)
+    trainer = Trainer(create_model(cfg), cfg, torch.device("cpu"))
+    grads = [torch.randn_like(p) for p in trainer.model.parameters()]
+    _stepped_with(trainer, grads)
+    weights, state = trainer.model.state_dict(), trainer.state_dict()
+    assert any(  # the saved moments are channels-last
+        v.dim() == 4
+        and v.is_contiguous(memory_format=torch.channels_last)
+        and not v.is_contiguous()
+        for s in state["optimizer"]["state"].values()
+        for v in s.values()
+    )
+    after = {}
+    for channels_last in ("true", "false"):
+        resumed_cfg = load_config(
+            None, [*TINY, f"optim.channels_last={channels_last}", "optim.lr=0.1"]
+        )
+        model = create_model(resumed_cfg)
+        model.load_state_dict(weights)
+        resumed = Trainer(model, resumed_cfg, torch.device("cpu"))
+        resumed.load_state_dict(copy.deepcopy(state))  # as read from a file: not shared
+        _stepped_with(resumed, [g * 0.5 for g in grads])
+        after[channels_last] = [p.detach().clone() for p in resumed.model.parameters()]
+    for same, other in zip(after["true"], after["false"], strict=True):
+        torch.testing.assert_close(other, same, rtol=0, atol=1e-6)
+
+
+def test_resume_takes_this_runs_learning_rate_and_weight_decay():
+    """The saved optimiser's lr and weight decay won over the config's on resume, while the
+    run recorded the new values as in use; the schedule now goes on from the new base rate
+    at the saved step. An empty loss-scaler state (a checkpoint saved without fp16 on a
+    GPU) loads into an enabled scaler."""
+    trainer, _, _ = one_step("optim.lr=1e-3", "optim.weight_decay=1e-4")
+    state = trainer.state_dict()
+    cfg = load_config(None, [*TINY, "optim.lr=1e-2", "optim.weight_decay=0.05"])
+    resumed = Trainer(trainer.model, cfg, torch.device("cpu"))
+    resumed.scaler = torch.amp.GradScaler("cpu", enabled=True)  # as fp16 on a GPU has it
+    assert state["scaler"] == {}
+    resumed.load_state_dict(state)
+    step = resumed.scheduler.last_epoch
+    assert step == 1
+    factor = resumed.scheduler.lr_lambdas[0](step)
+    decay, no_decay = resumed.optimizer.param_groups
+    assert decay["lr"] == no_decay["lr"] == pytest.approx(1e-2 * factor)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    resumed.step(pair_batch(2, 32))
+    assert decay["lr"] == pytest.approx(1e-2 * resumed.scheduler.lr_lambdas[0](step + 1))
 
 
 @pytest.fixture
