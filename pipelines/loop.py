@@ -445,6 +445,7 @@ def train_loop(loop_config: dict) -> None:
             batch = next(batches)
             record_consumed(next_samples, batch)
             bad_skipped[int(batch["reader"][0])] = int(batch["bad_skipped"].max())
+            lr = trainer.optimizer.param_groups[0]["lr"]  # the step's; it moves on after
             losses = trainer.step(batch)
             step += 1
             images_seen += batch["view1"].shape[0] * world_size
@@ -463,7 +464,7 @@ def train_loop(loop_config: dict) -> None:
                 elapsed = time.perf_counter() - window_start
                 throughput = images_seen / max(elapsed, 1e-9)
                 losses["img_per_s"] = throughput
-                losses["lr"] = trainer.scheduler.get_last_lr()[0]
+                losses["lr"] = lr
                 losses["bad_samples_skipped"] = _sum_over_ranks(sum(bad_skipped.values()), device)
                 if rank == 0:
                     terms = " ".join(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -87,6 +88,12 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     assert [m.value for m in skipped] == sorted(m.value for m in skipped)
     assert run.data.metrics["val_bad_samples_skipped"] == 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "miou")] == [3, 6]
+    # The rate each logged step trained at (it was the next step's: 0 at the last step):
+    # warm-up to optim.lr over 2 steps, then cosine decay to 0 at step 6.
+    lr = float(run.data.params["optim.lr"])
+    logged_lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert logged_lr[2] == pytest.approx(lr)  # step 2 ran at warm-up's factor 2/2
+    assert logged_lr[6] == pytest.approx(lr * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
     # The loop's wait per checkpoint (the upload is not in it: "auto" is async here).
     waits = client.get_metric_history(run.info.run_id, "checkpoint_wait_s")
     assert [m.step for m in waits] == [3, 6] and all(m.value > 0 for m in waits)
