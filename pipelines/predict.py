@@ -11,7 +11,9 @@ last and atomically, so an existing mask means that image is finished: re-runnin
 (idempotent, resumable).
 
 The model runs in a pool of Ray Data actors (`Predictor`), each loading the checkpoint once.
-The last stdout line is one JSON object: {"total", "skipped", "written", "output"}.
+The last stdout line is one JSON object: {"total", "skipped", "written", "bad", "output"};
+an image that cannot be read or decoded is logged with its id and counted as bad, and the
+others are predicted all the same.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pipelines.common import UserError, init_ray, print_result, run_main  # noqa: E402
 from san import storage  # noqa: E402
 from san.data.folder import IMAGE_SUFFIXES  # noqa: E402
+from san.data.shards import SHARD_FORMAT  # noqa: E402
 
 log = logging.getLogger("san")
 
@@ -54,25 +57,42 @@ def _is_file(url: str) -> bool:
 
 
 def plan_input(url: str, split: str) -> InputPlan:
-    """Find the images under ``url``: shards (manifest.json) first, else image files."""
+    """Find the images under ``url``: shards (this project's manifest.json) first, else
+    image files. A manifest.json of another kind in an image folder is not shards."""
     import json
 
+    if _is_file(url):
+        raise UserError(f"--input {url} is a file: give the folder (or shards root) holding it")
     for root in (url, storage.join(url, split)):
         manifest = storage.join(root, SHARD_MANIFEST)
         if _is_file(manifest):
-            content = json.loads(storage.read_bytes(manifest))
-            files = [storage.join(root, s["file"]) for s in content["shards"]]
+            try:
+                content = json.loads(storage.read_bytes(manifest))
+            except ValueError:
+                raise UserError(f"{manifest} is not JSON") from None
+            if not isinstance(content, dict) or content.get("format") != SHARD_FORMAT:
+                continue
+            shards = content.get("shards")
+            if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and "file" in s for s in shards
+            ):
+                raise UserError(f"{manifest} is damaged: its 'shards' must list each shard's file")
+            files = [storage.join(root, s["file"]) for s in shards]
             return InputPlan("shards", {}, files, content.get("image_encoding", "source"))
     for folder in (url, storage.join(url, "images"), storage.join(url, split, "images")):
         try:
             names = storage.list_dir(folder)
         except (FileNotFoundError, NotADirectoryError):
             continue
-        images = {
-            os.path.splitext(n)[0]: storage.join(folder, n)
-            for n in names
-            if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
-        }
+        files = [n for n in names if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+        images = {os.path.splitext(n)[0]: storage.join(folder, n) for n in files}
+        if len(images) < len(files):  # a.jpg and a.png: one mask name for two images
+            stems = [os.path.splitext(n)[0] for n in files]
+            dupes = sorted({stem for stem in stems if stems.count(stem) > 1})
+            raise UserError(
+                f"{folder} has images sharing an id (file name without its extension): "
+                f"{dupes[:5]}; each image needs its own, as masks are named by id"
+            )
         if images:
             return InputPlan("folder", images, [])
     raise UserError(
@@ -81,13 +101,18 @@ def plan_input(url: str, split: str) -> InputPlan:
     )
 
 
-def finished_ids(output: str) -> set[str]:
-    """Ids whose mask already exists (one listing of the output, not one request per image)."""
-    try:
-        names = storage.list_dir(storage.join(output, MASK_DIR))
-    except FileNotFoundError:
-        return set()
-    return {n[: -len(".png")] for n in names if n.endswith(".png")}
+def finished_ids(output: str, overlay: bool = False) -> set[str]:
+    """Ids whose mask already exists, and with `overlay` their overlay too (one listing per
+    folder, not one request per image): a rerun that adds --overlay redoes the rest."""
+
+    def ids(folder: str) -> set[str]:
+        try:
+            names = storage.list_dir(storage.join(output, folder))
+        except FileNotFoundError:
+            return set()
+        return {n[: -len(".png")] for n in names if n.endswith(".png")}
+
+    return ids(MASK_DIR) & ids(OVERLAY_DIR) if overlay else ids(MASK_DIR)
 
 
 class Predictor:
@@ -97,7 +122,8 @@ class Predictor:
     ``width`` (shard rows: encoded bytes, or raw pixels with ``image_encoding="raw"``).
     Images are resized whole to the model's square input size, and the logits are resized
     back to each image's own size, so a mask covers its image pixel for pixel.
-    Returns one row per input: ``id`` and ``status`` ("written" or "skipped").
+    Returns one row per input: ``id`` and ``status`` ("written", "skipped", or "bad": an
+    image that cannot be read or decoded, logged with its id and left without a mask).
     """
 
     def __init__(
@@ -143,8 +169,27 @@ class Predictor:
         mask = logits.argmax(dim=1)[0].to("cpu", torch.uint8)
         return mask, rgb[0]
 
+    def _image(self, batch: dict[str, np.ndarray], index: int, sample_id: str):
+        """The uint8 3xHxW image of row `index`; DataError naming the id if it is bad."""
+        from san.data import decode_image, decode_stored
+
+        if "image" in batch:
+            return decode_stored(
+                bytes(batch["image"][index]),
+                self.image_encoding,
+                int(batch["height"][index]),
+                int(batch["width"][index]),
+                sample_id,
+            )
+        url = str(batch["url"][index])
+        try:
+            data = storage.read_bytes(url)
+        except OSError as exc:
+            raise _bad_read(sample_id, url, exc) from None
+        return decode_image(data, sample_id)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from san.data import decode_image, decode_stored, encode_png
+        from san.data import DataError, encode_png
         from san.viz import overlay_panel
 
         ids = [str(i) for i in batch["id"]]
@@ -154,16 +199,12 @@ class Predictor:
             if sample_id in self.skip:
                 statuses.append("skipped")
                 continue
-            if "image" not in batch:
-                image = decode_image(storage.read_bytes(str(batch["url"][index])), sample_id)
-            else:
-                image = decode_stored(
-                    bytes(batch["image"][index]),
-                    self.image_encoding,
-                    int(batch["height"][index]),
-                    int(batch["width"][index]),
-                    sample_id,
-                )
+            try:
+                image = self._image(batch, index, sample_id)
+            except DataError as exc:  # one bad file must not end the job for the rest
+                log.warning("bad image %s, no mask written: %s", sample_id, exc)
+                statuses.append("bad")
+                continue
             mask, rgb = self._segment(image)
             if self.overlay:
                 panel = overlay_panel(rgb.unsqueeze(0), mask.unsqueeze(0).long())
@@ -172,6 +213,12 @@ class Predictor:
             storage.write_bytes_atomic(mask_url, encode_png(mask))  # last: marks the id done
             statuses.append("written")
         return {"id": np.array(ids, dtype=object), "status": np.array(statuses, dtype=object)}
+
+
+def _bad_read(sample_id: str, url: str, exc: OSError):
+    from san.data import DataError
+
+    return DataError(f"image {sample_id!r} cannot be read from {url}: {exc}")
 
 
 def build_dataset(plan: InputPlan, done: set[str]):
@@ -201,20 +248,26 @@ def predict(
 ) -> dict[str, Any]:
     """Segment every unfinished image under ``input_url``; returns counts for the summary."""
     try:
-        storage.load_checkpoint(checkpoint)  # fail here, in one line, not inside an actor
+        _, saved_config = storage.load_checkpoint(checkpoint)  # one line, not in an actor
         if input_url.startswith("s3://"):  # else missing credentials read as "no images"
             storage.check_storage(input_url, write=False)
         storage.check_storage(output)
     except (storage.CheckpointError, storage.StorageError) as exc:
         raise UserError(str(exc)) from None
+    n_clusters = saved_config.get("model", {}).get("n_clusters", 0)
+    if n_clusters > 256:
+        raise UserError(
+            f"masks are 8-bit PNGs: the checkpoint's model.n_clusters={n_clusters} has ids "
+            "past 255; predict with a model of at most 256 clusters"
+        )
     plan = plan_input(input_url, split)
-    done = finished_ids(output)
+    done = finished_ids(output, overlay)
     total = len(plan.images) if plan.kind == "folder" else None
     log.info("input %s: %s; %d images already have masks", input_url, plan.kind, len(done))
     if plan.kind == "shards" or set(plan.images) - done:  # nothing to do: no Ray start
         init_ray()
     dataset = build_dataset(plan, done)
-    written = skipped = 0
+    written = skipped = bad = 0
     if dataset is not None:
         results = dataset.map_batches(
             Predictor,
@@ -235,14 +288,16 @@ def predict(
                 written += 1
                 if written % 20 == 0:
                     log.info("predicted %d images", written)
+            elif row["status"] == "bad":
+                bad += 1
             else:
                 skipped += 1
     if plan.kind == "folder":
-        skipped = total - written
+        skipped = total - written - bad
     else:
-        total = written + skipped
-    log.info("done: %d written, %d skipped, masks under %s", written, skipped, output)
-    return {"total": total, "written": written, "skipped": skipped, "output": output}
+        total = written + skipped + bad
+    log.info("done: %d written, %d skipped, %d bad, masks under %s", written, skipped, bad, output)
+    return {"total": total, "written": written, "skipped": skipped, "bad": bad, "output": output}
 
 
 def main() -> None:

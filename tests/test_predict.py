@@ -92,7 +92,9 @@ def test_predict_camvid_s3_to_s3(s3_env, tmp_path: Path) -> None:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first = run()
-    assert first == {"total": len(files), "written": len(files), "skipped": 0, "output": output}
+    assert first == {
+        "total": len(files), "written": len(files), "skipped": 0, "bad": 0, "output": output
+    }  # fmt: skip
     assert len(files) == 101
     masks = s3.list_objects_v2(Bucket="predict-test", Prefix="pred/masks/")["Contents"]
     assert len(masks) == len(files)
@@ -102,7 +104,9 @@ def test_predict_camvid_s3_to_s3(s3_env, tmp_path: Path) -> None:
         mask = storage.read_bytes(f"{output}/{MASK_DIR}/{path.stem}.png")
         assert png_size(mask) == size
     second = run()
-    assert second == {"total": len(files), "written": 0, "skipped": len(files), "output": output}
+    assert second == {
+        "total": len(files), "written": 0, "skipped": len(files), "bad": 0, "output": output
+    }  # fmt: skip
 
 
 def test_shard_input_is_planned_and_predicted(tmp_path: Path) -> None:
@@ -186,3 +190,68 @@ def test_checkpoint_loads_without_the_vit_weights_file_training_read(tmp_path: P
         assert torch.equal(loaded.state_dict()[name].cpu(), tensor), name
     predictor = Predictor(url, str(tmp_path / "out"), overlay=False)
     assert torch.equal(predictor.model.semantic.vit.pos_embed.cpu(), model.semantic.vit.pos_embed)
+
+
+def test_a_bad_image_is_counted_and_the_rest_predicted(tmp_path: Path) -> None:
+    """A corrupt (or vanished) image raised out of the actor and ended the job; sorted
+    first, it stopped every rerun before the images after it. Now it is logged by id,
+    counted "bad", and the batch's other images get their masks."""
+    make_checkpoint(str(tmp_path / "ckpt"))
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"\x89PNG truncated")
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(images / "c.png")
+    plan = plan_input(str(images), "val")
+    out = str(tmp_path / "out")
+    predictor = Predictor(str(tmp_path / "ckpt"), out, overlay=False)
+    ids = ["a", "b", "c"]
+    urls = [plan.images["a"], str(images / "b.png"), plan.images["c"]]  # b: gone since
+    result = predictor({"id": np.array(ids, dtype=object), "url": np.array(urls, dtype=object)})
+    assert list(result["status"]) == ["bad", "bad", "written"]
+    assert finished_ids(out) == {"c"}
+
+
+def test_input_planning_refuses_what_it_cannot_name(tmp_path: Path) -> None:
+    """a.jpg beside a.png: one was silently dropped (masks are named by id). A file as
+    --input planned <file>/<file>. A manifest.json of another tool in an image folder
+    was a KeyError traceback; it is not shards, so the images are read."""
+    from pipelines.common import UserError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / name)
+    (folder / "manifest.json").write_text(json.dumps({"images": ["a.png", "b.png"]}))
+    assert sorted(plan_input(str(folder), "val").images) == ["a", "b"]
+    with pytest.raises(UserError, match="is a file: give the folder"):
+        plan_input(str(folder / "a.png"), "val")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.jpg")
+    with pytest.raises(UserError, match=r"images sharing an id .*\['a'\]"):
+        plan_input(str(folder), "val")
+
+
+def test_a_rerun_with_overlay_draws_the_missing_overlays(tmp_path: Path) -> None:
+    """Masks written without --overlay made a rerun with it skip every image: 0 written,
+    no overlay. Finished now means both are there when overlays are asked for."""
+    out = tmp_path / "out"
+    (out / MASK_DIR).mkdir(parents=True)
+    (out / "overlays").mkdir()
+    for name in ("a", "b"):
+        (out / MASK_DIR / f"{name}.png").write_bytes(b"mask")
+    (out / "overlays" / "a.png").write_bytes(b"overlay")
+    assert finished_ids(str(out)) == {"a", "b"}
+    assert finished_ids(str(out), overlay=True) == {"a"}
+
+
+def test_more_clusters_than_an_8_bit_mask_holds_is_one_line(tmp_path: Path) -> None:
+    """Cluster ids past 255 wrapped around in the uint8 masks."""
+    from pipelines.common import UserError
+    from pipelines.predict import predict
+
+    cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["model.n_clusters=300"])
+    url = str(tmp_path / "ckpt")
+    storage.save_checkpoint(
+        url, {"model": create_model(cfg).state_dict(), "step": 0}, cfg.to_dict()
+    )
+    with pytest.raises(UserError, match="model.n_clusters=300 has ids past 255"):
+        predict(url, str(tmp_path), str(tmp_path / "out"))
