@@ -31,8 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.common import UserError, init_ray, print_result, run_main  # noqa: E402
 from san import storage  # noqa: E402
+from san.data import DataError  # noqa: E402
 from san.data.folder import IMAGE_SUFFIXES  # noqa: E402
-from san.data.shards import SHARD_FORMAT  # noqa: E402
+from san.data.shards import check_shard_manifest, is_shard_manifest  # noqa: E402
 
 log = logging.getLogger("san")
 
@@ -70,14 +71,13 @@ def plan_input(url: str, split: str) -> InputPlan:
                 content = json.loads(storage.read_bytes(manifest))
             except ValueError:
                 raise UserError(f"{manifest} is not JSON") from None
-            if not isinstance(content, dict) or content.get("format") != SHARD_FORMAT:
+            if not is_shard_manifest(content):
                 continue
-            shards = content.get("shards")
-            if not isinstance(shards, list) or not all(
-                isinstance(s, dict) and "file" in s for s in shards
-            ):
-                raise UserError(f"{manifest} is damaged: its 'shards' must list each shard's file")
-            files = [storage.join(root, s["file"]) for s in shards]
+            try:
+                check_shard_manifest(content, manifest)
+            except DataError as exc:
+                raise UserError(str(exc)) from None
+            files = [storage.join(root, s["file"]) for s in content["shards"]]
             return InputPlan("shards", {}, files, content.get("image_encoding", "source"))
     for folder in (url, storage.join(url, "images"), storage.join(url, split, "images")):
         try:
@@ -185,11 +185,11 @@ class Predictor:
         try:
             data = storage.read_bytes(url)
         except OSError as exc:
-            raise _bad_read(sample_id, url, exc) from None
+            raise DataError(f"image {sample_id!r} cannot be read from {url}: {exc}") from None
         return decode_image(data, sample_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from san.data import DataError, encode_png
+        from san.data import encode_png
         from san.viz import overlay_panel
 
         ids = [str(i) for i in batch["id"]]
@@ -213,12 +213,6 @@ class Predictor:
             storage.write_bytes_atomic(mask_url, encode_png(mask))  # last: marks the id done
             statuses.append("written")
         return {"id": np.array(ids, dtype=object), "status": np.array(statuses, dtype=object)}
-
-
-def _bad_read(sample_id: str, url: str, exc: OSError):
-    from san.data import DataError
-
-    return DataError(f"image {sample_id!r} cannot be read from {url}: {exc}")
 
 
 def build_dataset(plan: InputPlan, done: set[str]):

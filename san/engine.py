@@ -267,12 +267,13 @@ class Trainer:
         - the loss scaler: an fp16 run on a GPU resumed from a checkpoint saved without one
           (float32, bf16, or fp16 on CPU workers) failed to load its empty state.
         """
+        this_run = [
+            {key: value for key, value in group.items() if key != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(state["optimizer"])
-        decay = self.cfg.optim.weight_decay
-        for group, weight_decay in zip(self.optimizer.param_groups, (decay, 0.0), strict=True):
-            group["fused"] = self.optimizer.defaults["fused"]
-            group["initial_lr"] = self.cfg.optim.lr
-            group["weight_decay"] = weight_decay
+        for group, settings in zip(self.optimizer.param_groups, this_run, strict=True):
+            group.update(settings)
             for param in group["params"]:
                 for key, value in self.optimizer.state.get(param, {}).items():
                     if torch.is_tensor(value) and value.shape == param.shape:

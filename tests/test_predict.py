@@ -228,6 +228,12 @@ def test_input_planning_refuses_what_it_cannot_name(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.jpg")
     with pytest.raises(UserError, match=r"images sharing an id .*\['a'\]"):
         plan_input(str(folder), "val")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    damaged = {"format": "san-parquet-shards", "shards": [{"file": "shard-00000.parquet"}]}
+    (shards / "manifest.json").write_text(json.dumps(damaged))
+    with pytest.raises(UserError, match="manifest.json is damaged: 'shards' must list"):
+        plan_input(str(shards), "val")
 
 
 def test_a_rerun_with_overlay_draws_the_missing_overlays(tmp_path: Path) -> None:

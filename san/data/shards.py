@@ -256,6 +256,31 @@ def write_shards(
     return manifest
 
 
+def is_shard_manifest(manifest: object) -> bool:
+    """True for a manifest.json that write_shards wrote (by its format marker): a folder of
+    images may hold another tool's manifest.json, which is not shards."""
+    return isinstance(manifest, dict) and manifest.get("format") == SHARD_FORMAT
+
+
+def check_shard_manifest(manifest: object, where: str) -> None:
+    """A one-line DataError for a manifest.json that write_shards did not write (another
+    tool's, or edited by hand): its fields were a KeyError traceback."""
+    if not is_shard_manifest(manifest):
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
+        raise DataError(
+            f"{where} is not a SAN shard manifest (format {found!r}, expected "
+            f"{SHARD_FORMAT!r}): write the shards with pipelines/prepare_data.py"
+        )
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(
+        isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards
+    ):
+        raise DataError(
+            f"{where} is damaged: 'shards' must list {{file, rows, sha256}} for each "
+            "shard; rewrite the shards with pipelines/prepare_data.py"
+        )
+
+
 class ShardDataset(ForkSafeFilesystem):
     """Reads `<url>/<split>/` (or `<url>` itself when it has a manifest) through its manifest."""
 
@@ -298,7 +323,7 @@ class ShardDataset(ForkSafeFilesystem):
             raise DataError(
                 f"cannot read shard manifest under {self.url}: {first_line(exc)}"
             ) from None
-        self._check_manifest()
+        check_shard_manifest(self.manifest, f"{self.root}/{MANIFEST}")
         self.image_encoding = self._encoding("image_encoding", "source", IMAGE_ENCODINGS)
         self.label_encoding = self._encoding("label_encoding", "png", LABEL_ENCODINGS)
         self.shards: list[dict] = self.manifest["shards"]
@@ -307,26 +332,6 @@ class ShardDataset(ForkSafeFilesystem):
         self._offsets = [0]
         for shard in self.shards:
             self._offsets.append(self._offsets[-1] + int(shard["rows"]))
-
-    def _check_manifest(self) -> None:
-        """A one-line DataError for a manifest.json that write_shards did not write (another
-        tool's, or edited by hand): its fields were a KeyError traceback."""
-        manifest = self.manifest
-        where = f"{self.root}/{MANIFEST}"
-        if not isinstance(manifest, dict) or manifest.get("format") != SHARD_FORMAT:
-            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest)
-            raise DataError(
-                f"{where} is not a SAN shard manifest (format {found!r}, expected "
-                f"{SHARD_FORMAT!r}): write the shards with pipelines/prepare_data.py"
-            )
-        shards = manifest.get("shards")
-        if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards
-        ):
-            raise DataError(
-                f"{where} is damaged: 'shards' must list {{file, rows, sha256}} for each "
-                "shard; rewrite the shards with pipelines/prepare_data.py"
-            )
 
     def _encoding(self, key: str, default: str, known: tuple[str, ...]) -> str:
         """The manifest's `key` (`default` when absent: older manifests), if this version
