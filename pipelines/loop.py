@@ -490,7 +490,10 @@ def train_loop(loop_config: dict) -> None:
                 metrics = {"step": step, "loss": losses["loss"], **evaluation.metrics}
                 metrics = _broadcast(metrics, rank)
                 stream_at = stream_checkpoint(
-                    stream.seed, world_size * readers, _merged_over_ranks(next_samples)
+                    stream.seed,
+                    world_size * readers,
+                    _merged_over_ranks(next_samples),
+                    next_reader=(stream.first_worker + step - start_step) % readers,
                 )
                 name = checkpoint_name(step)
                 uri = storage.join(storage_url, name)

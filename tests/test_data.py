@@ -1084,7 +1084,7 @@ def test_a_resumed_stream_gives_the_batches_the_uninterrupted_one_would(
     next_samples: dict[int, tuple[int, int]] = {}
     for batch in whole[:stop]:
         record_consumed(next_samples, batch)
-    saved = stream_checkpoint(4, world_size * 2, next_samples)
+    saved = stream_checkpoint(4, world_size * 2, next_samples, next_reader=stop % 2)
     args, how = resume_stream(saved, stop, seed=4, world_size=world_size, loader_workers=2)
     assert how == f"data: the stream goes on where step {stop} left it"
     rest = batches(12 - stop, **args)
@@ -1094,8 +1094,32 @@ def test_a_resumed_stream_gives_the_batches_the_uninterrupted_one_would(
             assert torch.equal(got[key], expected[key]), key
 
 
+def test_a_second_resume_of_a_stream_started_mid_run_goes_on_in_order() -> None:
+    """A stream started anew at step 3 (its layout changed), checkpointed at step 5, then
+    resumed: the next batch is the second loader worker's, as in the stream that never
+    stopped. It was taken to be worker (5 % 2)'s, as if the stream had begun at step 0."""
+    transform = train_pair_transform(DataConfig(image_size=16))
+
+    def batches(n: int, **stream_args) -> list[dict]:
+        source = SyntheticScenes(20, 20, 3, split="train")
+        stream = StreamDataset(source, transform, 0, 1, **stream_args)
+        it = iter(PairLoader(stream, batch_size=2, num_workers=2))
+        return [next(it) for _ in range(n)]
+
+    started_at, stop = 3, 5
+    args, _ = resume_stream(None, started_at, seed=4, world_size=1, loader_workers=2)
+    whole = batches(6, **args)
+    next_samples: dict[int, tuple[int, int]] = {}
+    for batch in whole[: stop - started_at]:
+        record_consumed(next_samples, batch)
+    saved = stream_checkpoint(args["seed"], 2, next_samples, next_reader=(stop - started_at) % 2)
+    args, _ = resume_stream(saved, stop, seed=4, world_size=1, loader_workers=2)
+    rest = batches(6 - (stop - started_at), **args)
+    assert [b["id"] for b in rest] == [b["id"] for b in whole[stop - started_at :]]
+
+
 def test_a_stream_whose_layout_changed_starts_anew_and_says_why() -> None:
-    saved = stream_checkpoint(4, 2, {0: (1, 3), 1: (1, 2)})
+    saved = stream_checkpoint(4, 2, {0: (1, 3), 1: (1, 2)}, next_reader=0)
     args, how = resume_stream(saved, 12, seed=4, world_size=1, loader_workers=4)
     assert args == {"seed": 16}
     assert how == (

@@ -225,10 +225,19 @@ def record_consumed(next_samples: dict[int, tuple[int, int]], batch: dict) -> No
     )
 
 
-def stream_checkpoint(seed: int, n_parts: int, next_samples: dict[int, tuple[int, int]]) -> dict:
-    """What a checkpoint keeps of the training stream: its seed, how many parts it had, and
-    each part's (epoch, position of its next sample), as `resume_stream` reads it back."""
-    return {"seed": seed, "n_parts": n_parts, "parts": dict(sorted(next_samples.items()))}
+def stream_checkpoint(
+    seed: int, n_parts: int, next_samples: dict[int, tuple[int, int]], next_reader: int
+) -> dict:
+    """What a checkpoint keeps of the training stream: its seed, how many parts it had, each
+    part's (epoch, position of its next sample), and which of a rank's loader workers gives
+    the next batch (they take turns: `(first_worker + batches read) % loader workers` for a
+    stream started with `first_worker`), as `resume_stream` reads it back."""
+    return {
+        "seed": seed,
+        "n_parts": n_parts,
+        "parts": dict(sorted(next_samples.items())),
+        "next_reader": next_reader,
+    }
 
 
 def resume_stream(
@@ -247,7 +256,9 @@ def resume_stream(
     n_parts = world_size * readers
     if saved is not None and saved["n_parts"] == n_parts:
         start = {int(p): (int(e), int(i)) for p, (e, i) in saved["parts"].items()}
-        args = {"seed": int(saved["seed"]), "start": start, "first_worker": step % readers}
+        # Checkpoints from before "next_reader" was kept: right for a stream begun at step 0.
+        first_worker = int(saved.get("next_reader", step % readers))
+        args = {"seed": int(saved["seed"]), "start": start, "first_worker": first_worker}
         return args, f"data: the stream goes on where step {step} left it"
     why = (
         "the checkpoint has no stream position"
