@@ -278,7 +278,7 @@ def run_main(main) -> None:
     setup_logging()
     try:
         main()
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, StorageError) as exc:  # StorageError: url, reach, rights
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except RunError as exc:

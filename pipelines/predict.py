@@ -103,16 +103,24 @@ def plan_input(url: str, split: str) -> InputPlan:
 
 def finished_ids(output: str, overlay: bool = False) -> set[str]:
     """Ids whose mask already exists, and with `overlay` their overlay too (one listing per
-    folder, not one request per image): a rerun that adds --overlay redoes the rest."""
+    folder, not one request per image): a rerun that adds --overlay redoes the rest. An id
+    with folders in it (``seq01/0001``, from shards) has its mask at ``masks/seq01/0001.png``.
+    """
 
     def ids(folder: str) -> set[str]:
-        try:
-            names = storage.list_dir(storage.join(output, folder))
-        except FileNotFoundError:
-            return set()
+        names = storage.list_files(storage.join(output, folder))
         return {n[: -len(".png")] for n in names if n.endswith(".png")}
 
     return ids(MASK_DIR) & ids(OVERLAY_DIR) if overlay else ids(MASK_DIR)
+
+
+def is_safe_id(sample_id: str) -> bool:
+    """Whether `sample_id` names a file under the output's masks/: folders in it ("/") are
+    kept as folders, but no part may be empty, "." or ".." (which would write beside or
+    outside the output), and no "\\" (a folder on one system, a name on another)."""
+    return "\\" not in sample_id and all(
+        part not in ("", ".", "..") for part in sample_id.split("/")
+    )
 
 
 class Predictor:
@@ -198,6 +206,14 @@ class Predictor:
             mask_url = storage.join(self.output, MASK_DIR, f"{sample_id}.png")
             if sample_id in self.skip:
                 statuses.append("skipped")
+                continue
+            if not is_safe_id(sample_id):
+                log.warning(
+                    "image id %r cannot name a mask file (an empty, '.' or '..' part, a "
+                    "leading '/' or a '\\'), no mask written",
+                    sample_id,
+                )
+                statuses.append("bad")
                 continue
             try:
                 image = self._image(batch, index, sample_id)

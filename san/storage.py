@@ -112,8 +112,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         )
         return fs, fs._strip_protocol(url).rstrip("/")
     if "://" in url and not url.startswith("file://"):
-        fs, path = fsspec.core.url_to_fs(url)
-        return fs, path
+        try:
+            return fsspec.core.url_to_fs(url)
+        except (ImportError, ValueError) as exc:  # no such scheme, or its package is absent
+            raise StorageError(
+                f"{url}: {url.split('://', 1)[0]}:// cannot be opened here "
+                f"({_first_line(exc)}); use a local folder, file:// or s3://"
+            ) from None
     return fsspec.filesystem("file"), _local_path(url)
 
 
@@ -332,6 +337,14 @@ def list_dir(url: str) -> list[str]:
     names = {os.path.basename(str(e).rstrip("/")) for e in entries}
     names.discard("")
     return sorted(names)
+
+
+def list_files(url: str) -> list[str]:
+    """Sorted paths, relative to ``url`` and with "/" between folders, of every file under
+    it at any depth (one paginated listing on S3); empty when there is nothing there."""
+    fs, path = filesystem(url)
+    prefix = path.rstrip("/") + "/"
+    return sorted(str(p)[len(prefix) :] for p in fs.find(path) if str(p).startswith(prefix))
 
 
 def remove(url: str, recursive: bool = False) -> None:

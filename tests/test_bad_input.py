@@ -288,6 +288,23 @@ def test_unreachable_s3_endpoint(clean_env, monkeypatch, capsys):
     assert not clean_env["db"].exists()
 
 
+@pytest.mark.parametrize("scheme", ["gs", "nosuch"])
+def test_data_under_a_scheme_this_machine_cannot_open(
+    clean_env, good_checkpoint, monkeypatch, capsys, scheme
+):
+    """gs:// without gcsfs (or an unknown scheme) was an ImportError (ValueError) traceback
+    from fsspec, in training's pre-flight as in predict."""
+    args = train_args(clean_env, "data.dataset=shards", f"data.root={scheme}://bucket/data")
+    code, err = run_inprocess("train", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{scheme}://bucket/data: {scheme}:// cannot be opened here")
+    assert_nothing_left(clean_env)
+    out = str(clean_env["storage"] / "masks")
+    args = ["--checkpoint", str(good_checkpoint), "--input", f"{scheme}://b/images"]
+    args += ["--output", out]
+    code, err = run_inprocess("predict", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"{scheme}://b/images: {scheme}:// cannot be opened here")
+
+
 def test_storage_ray_cannot_write_to(clean_env, monkeypatch, capsys):
     """Ray's pyarrow filesystem took memory:// (or gs://, with gcsfs installed) for a
     local folder named 'memory:', while resume and evaluation looked under memory://."""

@@ -62,6 +62,26 @@ def test_predictor_writes_masks_and_skips(tmp_path: Path) -> None:
     assert finished_ids(out) == {"a"}
 
 
+def test_ids_with_folders_are_kept_and_ids_that_leave_the_output_are_bad(tmp_path: Path) -> None:
+    """Shard ids may hold folders (seq01/0001): their masks were written in a subfolder
+    that a rerun's listing never saw, so they were redone every time. An id with '..'
+    wrote outside the output."""
+    make_checkpoint(str(tmp_path / "ckpt"))
+    image = tmp_path / "a.png"
+    Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(image)
+    out = tmp_path / "out" / "run"
+    predictor = Predictor(str(tmp_path / "ckpt"), str(out), overlay=True)
+    ids = ["seq01/0001", "../../escaped", "/abs", "a\\b", "seq01//x", "./a"]
+    batch = {
+        "id": np.array(ids, dtype=object),
+        "url": np.array([str(image)] * len(ids), dtype=object),
+    }
+    assert list(predictor(batch)["status"]) == ["written"] + ["bad"] * 5
+    assert png_size((out / MASK_DIR / "seq01" / "0001.png").read_bytes()) == (10, 12)
+    assert finished_ids(str(out), overlay=True) == {"seq01/0001"}
+    assert sorted(p.name for p in tmp_path.rglob("*.png")) == ["0001.png", "0001.png", "a.png"]
+
+
 @pytest.mark.e2e
 def test_predict_camvid_s3_to_s3(s3_env, tmp_path: Path) -> None:
     """CamVid val uploaded to a real S3 endpoint, predicted s3 -> s3, then rerun skips all."""

@@ -143,6 +143,9 @@ def test_local_write_read_exists_list_remove(tmp_path: Path) -> None:
     storage.write_bytes_atomic(url, b"new")
     assert storage.read_bytes(f"file://{url}") == b"new"
     assert storage.list_dir(str(tmp_path / "d")) == ["f.bin"]  # no temp files left behind
+    storage.write_bytes_atomic(str(tmp_path / "d" / "sub" / "g.bin"), b"g")
+    assert storage.list_files(str(tmp_path / "d")) == ["f.bin", "sub/g.bin"]
+    assert storage.list_files(str(tmp_path / "nothing")) == []
     storage.remove(str(tmp_path / "d"), recursive=True)
     assert not storage.exists(str(tmp_path / "d"))
     storage.remove(str(tmp_path / "d"), recursive=True)  # missing is fine
@@ -166,6 +169,9 @@ def test_s3_write_read_exists_list_remove(s3_env: S3Server) -> None:
     assert storage.exists(storage.join(bucket, "p"))
     assert storage.read_bytes(url) == b"abc"
     assert storage.list_dir(storage.join(bucket, "p")) == ["f.bin"]
+    storage.write_bytes_atomic(storage.join(bucket, "p", "sub", "g.bin"), b"g")
+    assert storage.list_files(storage.join(bucket, "p")) == ["f.bin", "sub/g.bin"]
+    assert storage.list_files(storage.join(bucket, "nothing")) == []
     storage.remove(storage.join(bucket, "p"), recursive=True)
     assert not storage.exists(url)
 
