@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.common import UserError, init_ray, print_result, run_main  # noqa: E402
+from pipelines.common import UserError, init_ray, on_local_ray, print_result, run_main  # noqa: E402
 from san import storage  # noqa: E402
 from san.data import DataError  # noqa: E402
 from san.data.folder import IMAGE_SUFFIXES  # noqa: E402
@@ -246,6 +246,17 @@ def build_dataset(plan: InputPlan, done: set[str]):
     return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns)
 
 
+def check_local_actor_gpus(num_actors: int, num_gpus: float, have: float) -> None:
+    """On a local Ray (which cannot grow) with `have` GPUs, actors asking for more would
+    wait forever: say so in one line."""
+    if on_local_ray() and num_gpus * num_actors > have:
+        raise UserError(
+            f"--num-actors {num_actors} x --num-gpus {num_gpus:g} need "
+            f"{num_actors * num_gpus:g} GPUs but the local Ray has {have:g}; lower them "
+            "(--num-gpus 0 predicts on CPUs)"
+        )
+
+
 def predict(
     checkpoint: str,
     input_url: str,
@@ -257,6 +268,13 @@ def predict(
     num_gpus: float = 0.0,
 ) -> dict[str, Any]:
     """Segment every unfinished image under ``input_url``; returns counts for the summary."""
+    for flag, value, least in [
+        ("--batch-size", batch_size, 1),
+        ("--num-actors", num_actors, 1),
+        ("--num-gpus", num_gpus, 0),
+    ]:
+        if not value >= least:  # also refuses nan
+            raise UserError(f"{flag} {value:g} is out of range; allowed: >= {least}")
     try:
         _, saved_config = storage.load_checkpoint(checkpoint)  # one line, not in an actor
         if input_url.startswith("s3://"):  # else missing credentials read as "no images"
@@ -276,6 +294,9 @@ def predict(
     log.info("input %s: %s; %d images already have masks", input_url, plan.kind, len(done))
     if plan.kind == "shards" or set(plan.images) - done:  # nothing to do: no Ray start
         init_ray()
+        import ray
+
+        check_local_actor_gpus(num_actors, num_gpus, ray.cluster_resources().get("GPU", 0))
     dataset = build_dataset(plan, done)
     written = skipped = bad = 0
     if dataset is not None:

@@ -261,15 +261,12 @@ def failure_cause(exc: BaseException) -> str:
     return one_line(lines[-1] if lines else type(inner).__name__, 400)
 
 
-def check_fits_local_ray(cfg: Config) -> None:
-    """On a local Ray (no RAY_ADDRESS), which cannot grow, a worker group that does not fit
-    would wait forever, Ray Train retrying its start every 60 s: say so in one line. A
-    cluster may autoscale, so it is left to Ray."""
-    import ray
-
+def check_fits_local_ray(cfg: Config, have: dict[str, float]) -> None:
+    """On a local Ray (no RAY_ADDRESS) with resources `have`, which cannot grow, a worker
+    group that does not fit would wait forever, Ray Train retrying its start every 60 s:
+    say so in one line. A cluster may autoscale, so it is left to Ray."""
     if not on_local_ray():
         return
-    have = ray.cluster_resources()
     run = cfg.run
     need = run.num_workers * run.cpus_per_worker
     if need > have.get("CPU", 0):
@@ -386,7 +383,9 @@ def train(cfg: Config) -> dict:
     check_resume_compatible(cfg, newest)
     say_if_finished(cfg, newest)
     init_ray()
-    check_fits_local_ray(cfg)
+    import ray
+
+    check_fits_local_ray(cfg, ray.cluster_resources())
     run_id, resumed = tracking.start_run(cfg, storage, source=tracking.CodeSource.of_this_process())
     log.info(
         "%s MLflow run %s; checkpoints under %s/%s",

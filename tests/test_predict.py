@@ -256,6 +256,19 @@ def test_input_planning_refuses_what_it_cannot_name(tmp_path: Path) -> None:
         plan_input(str(shards), "val")
 
 
+def test_actors_asking_for_gpus_a_local_ray_lacks_is_one_line(monkeypatch) -> None:
+    """--num-gpus 1 on a machine without one: Ray Data waited forever for the actor."""
+    from pipelines.common import UserError
+    from pipelines.predict import check_local_actor_gpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(UserError, match="need 2 GPUs but the local Ray has 1"):
+        check_local_actor_gpus(num_actors=2, num_gpus=1, have=1)
+    check_local_actor_gpus(num_actors=2, num_gpus=0.5, have=1)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster may autoscale
+    check_local_actor_gpus(num_actors=2, num_gpus=1, have=0)
+
+
 def test_a_rerun_with_overlay_draws_the_missing_overlays(tmp_path: Path) -> None:
     """Masks written without --overlay made a rerun with it skip every image: 0 written,
     no overlay. Finished now means both are there when overlays are asked for."""
