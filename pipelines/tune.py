@@ -428,15 +428,18 @@ def best_row(rows: list[dict[str, Any]], space: Space) -> dict[str, Any] | None:
     return pick(scored, key=lambda r: r[space.metric])
 
 
-def concurrency_that_fits(space: Space, cfg: Config, cluster_cpus: float) -> int:
-    """How many trials a local Ray can run at once without a deadlock.
+def concurrency_that_fits(space: Space, cfg: Config, have: dict[str, float]) -> int:
+    """How many trials a local Ray with resources `have` can run at once without a deadlock.
 
     Tune reserves only a trial's driver (resources.trial_cpus); its training workers ask
     for their CPUs later. When the drivers of search.max_concurrent trials take every CPU,
     no worker group can start and every trial waits forever. On a local Ray the CPU count
     is fixed, so cap the concurrency at what fits (a cluster may autoscale; left alone).
+    A trial asking for GPUs the local Ray lacks would wait forever too: one line.
     """
     run = cfg.run
+    check_local_gpus(run, have.get("GPU", 0))
+    cluster_cpus = have.get("CPU", 0.0)
     need = space.trial_cpus + run.num_workers * run.cpus_per_worker
     if need > cluster_cpus:
         raise UserError(
@@ -517,9 +520,7 @@ def run_sweep(
     if on_local_ray():
         import ray
 
-        have = ray.cluster_resources()
-        check_local_gpus(cfg.run, have.get("GPU", 0))
-        fits = concurrency_that_fits(space, cfg, have.get("CPU", 0.0))
+        fits = concurrency_that_fits(space, cfg, ray.cluster_resources())
         space = dataclasses.replace(space, max_concurrent=fits)
     source = tracking.CodeSource.of_this_process()
     parent_run_id, reopened = tracking.start_run(parent_cfg, storage, source=source)

@@ -146,14 +146,21 @@ def test_cli_bad_space_fails_before_ray(tmp_path: Path) -> None:
 
 
 def test_local_concurrency_is_capped_to_what_fits() -> None:
-    """Drivers of too many trials would take every CPU and no worker group could start."""
+    """Drivers of too many trials would take every CPU and no worker group could start.
+    Checked against the resources the local Ray reports; a cluster may autoscale."""
 
     space = load_space(ROOT / "tune_spaces" / "quick.yaml")  # 2 at once, trial_cpus 1
     cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.cpus_per_worker=1"])
-    assert concurrency_that_fits(space, cfg, cluster_cpus=4) == 2  # 2 x (1 + 1) fits
-    assert concurrency_that_fits(space, cfg, cluster_cpus=3) == 1
+    assert concurrency_that_fits(space, cfg, {"CPU": 4.0}) == 2  # 2 x (1 + 1) fits
+    assert concurrency_that_fits(space, cfg, {"CPU": 3.0}) == 1
     with pytest.raises(UserError, match=r"one trial needs 2 CPUs .* the local Ray has 1;"):
-        concurrency_that_fits(space, cfg, cluster_cpus=1)
+        concurrency_that_fits(space, cfg, {"CPU": 1.0})
+    # Trials asking for GPUs a local Ray lacks: their worker groups waited forever (Ray
+    # Train retrying every 60 s).
+    gpu = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.use_gpu=true"])
+    with pytest.raises(UserError, match="needs a GPU per worker but the local Ray has 0"):
+        concurrency_that_fits(space, gpu, {"CPU": 4.0})
+    assert concurrency_that_fits(space, gpu, {"CPU": 4.0, "GPU": 1.0}) == 2
 
 
 def test_searching_k_on_many_to_one_miou_is_warned_about(tmp_path: Path, caplog) -> None:
