@@ -99,12 +99,21 @@ def complete_checkpoints(url: str) -> list[str]:
 
 
 def test_submit_without_token_is_refused(ray_head, tmp_path: Path) -> None:
-    """No token (no RAY_AUTH_* variables, a HOME without ~/.ray/auth_token): refused."""
+    """No token (no RAY_AUTH_* variables, a HOME without ~/.ray/auth_token), or a wrong
+    one: refused, by the CLI and by the REST API."""
     env = ray_head.base_env()
     env["HOME"] = str(tmp_path)
     env["RAY_ADDRESS"] = ray_head.dashboard_url
     proc = ray_cli(ray_head, ["job", "submit", "--no-wait", "--", "echo", "hi"], env=env)
     assert proc.returncode != 0, proc.stdout
+    assert "auth" in (proc.stdout + proc.stderr).lower()
+    wrong_token = tmp_path / "wrong_token"
+    wrong_token.write_text("0" * 64)
+    wrong = {**ray_head.base_env(), **ray_head.env, "RAY_AUTH_TOKEN_PATH": str(wrong_token)}
+    wrong["HOME"] = str(tmp_path)
+    proc = ray_cli(ray_head, ["job", "submit", "--no-wait", "--", "echo", "hi"], env=wrong)
+    assert proc.returncode != 0, proc.stdout
+    assert "auth" in (proc.stdout + proc.stderr).lower()
     request = urllib.request.Request(
         f"{ray_head.dashboard_url}/api/jobs/",
         data=json.dumps({"entrypoint": "echo hi"}).encode(),

@@ -1,14 +1,14 @@
 """The test services are real: S3 answers boto3 and san.storage, MLflow stores artifacts in
-S3 through its proxy, Ray accepts jobs only with the token."""
+S3 through its proxy (Ray's head, which accepts jobs only with the token, is tested where
+the jobs run: test_job_submit.py)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from services import BIN, MlflowServer, RayHead, S3Server, free_port, wait_http
+from services import MlflowServer, S3Server, free_port, wait_http
 
 from san import storage
 
@@ -76,36 +76,3 @@ def test_mlflow_server_proxies_artifacts_to_s3(
     listed = s3_server.client().list_objects_v2(Bucket=MlflowServer.ARTIFACT_BUCKET)
     keys = [o["Key"] for o in listed.get("Contents", [])]
     assert any(k.endswith(f"{run.info.run_id}/artifacts/note.txt") for k in keys), keys
-
-
-def _ray_job_submit(env: dict[str, str], workdir: Path) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "ray"), "job", "submit", "--working-dir", str(workdir), "--"]
-    cmd += ["python", "-c", "print('hi')"]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-
-
-@pytest.mark.e2e
-def test_ray_job_submit_needs_token(ray_head: RayHead, tmp_path: Path) -> None:
-    workdir = tmp_path / "job"
-    workdir.mkdir()
-    (workdir / "hello.txt").write_text("tiny working dir")
-
-    ok = _ray_job_submit({**ray_head.base_env(), **ray_head.env}, workdir)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    assert "hi" in ok.stdout.splitlines()
-
-    # No token anywhere: HOME points at an empty dir so ~/.ray/auth_token is not found.
-    no_token = {**ray_head.base_env(), "RAY_ADDRESS": ray_head.dashboard_url}
-    no_token["HOME"] = str(tmp_path / "empty-home")
-    refused = _ray_job_submit(no_token, workdir)
-    assert refused.returncode != 0
-    assert "auth" in (refused.stdout + refused.stderr).lower()
-
-    # A wrong token is refused too.
-    bad_path = tmp_path / "bad_token"
-    bad_path.write_text("0" * 64)
-    wrong = {**ray_head.base_env(), **ray_head.env, "RAY_AUTH_TOKEN_PATH": str(bad_path)}
-    wrong["HOME"] = str(tmp_path / "empty-home")
-    refused = _ray_job_submit(wrong, workdir)
-    assert refused.returncode != 0
-    assert "auth" in (refused.stdout + refused.stderr).lower()
