@@ -256,11 +256,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def check_services(cfg: Config) -> None:
     """Fail fast, before any worker starts, when storage or MLflow is unreachable."""
-    try:
-        pyarrow_filesystem(resolve_storage(cfg.run.storage))  # a scheme Ray can write to
-        check_storage(resolve_storage(cfg.run.storage))
-    except StorageError as exc:
-        raise UserError(str(exc)) from None
+    storage = resolve_storage(cfg.run.storage)
+    pyarrow_filesystem(storage)  # a scheme Ray can write to; StorageError is one line
+    check_storage(storage)
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         import urllib.error

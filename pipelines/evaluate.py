@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipelines.common import UserError, print_result, run_main  # noqa: E402
 from san.config import Config, apply_overrides, from_dict  # noqa: E402
-from san.storage import CheckpointError, StorageError, load_checkpoint  # noqa: E402
+from san.storage import CheckpointError, load_checkpoint  # noqa: E402
 
 log = logging.getLogger("san")
 
@@ -33,7 +33,7 @@ def load_model(uri: str, overrides: list[str]):
 
     try:
         state, saved = load_checkpoint(uri)
-    except (CheckpointError, StorageError) as exc:
+    except CheckpointError as exc:
         raise UserError(str(exc)) from None
     cfg = from_dict(apply_overrides(saved, overrides))
     model = create_model(cfg, vit_weights=False)  # the checkpoint holds them

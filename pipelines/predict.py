@@ -280,7 +280,7 @@ def predict(
         if input_url.startswith("s3://"):  # else missing credentials read as "no images"
             storage.check_storage(input_url, write=False)
         storage.check_storage(output)
-    except (storage.CheckpointError, storage.StorageError) as exc:
+    except storage.CheckpointError as exc:  # a StorageError is one line from run_main
         raise UserError(str(exc)) from None
     n_clusters = saved_config.get("model", {}).get("n_clusters", 0)
     if n_clusters > 256:
