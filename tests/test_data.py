@@ -6,7 +6,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -191,6 +193,53 @@ def test_uint8_views_match_the_float_resize_within_one_grey_level(box) -> None:
     for outside in [(x0, y0, 121, y1), (-1, y0, x1, y1), (x0, y0, x0, y1), (x0, 60, x1, 91)]:
         with pytest.raises(ValueError, match=r"crop box .* is not inside a 120x90 image"):
             crop_view(image, outside, 32, flip=False)
+
+
+LOADER_THEN_SLEEP = """
+import sys, time
+from san.config import DataConfig
+from san.data import PairLoader, StreamDataset, create_dataset, train_pair_transform
+cfg = DataConfig(dataset="synthetic", image_size=32, synthetic_train_size=64)
+stream = StreamDataset(create_dataset(cfg, "train"), train_pair_transform(cfg), seed=0)
+loader = PairLoader(
+    stream, batch_size=4, num_workers=2, persistent_workers=True, prefetch_factor=4
+)
+next(iter(loader))
+time.sleep(1)  # the workers fill the queue's pipe, as they do while a step runs
+print(*(w.pid for w in loader._iterator._workers), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_loader_workers_end_when_the_training_process_is_killed() -> None:
+    """torch's loader workers outlived a SIGKILLed training worker (their exit waits on a
+    pipe their siblings hold), keeping its sockets open: Ray's restart of the worker
+    group waited about 9 minutes. PairLoader's workers die with their parent."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LOADER_THEN_SLEEP], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(map(alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in pids if alive(pid)]
+    for pid in left:  # a failing run leaves nothing behind either
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"loader workers {left} outlived their parent"
 
 
 def test_collate_packs_two_tensors_and_the_step_finishes_them_as_one_sample_would() -> None:

@@ -6,9 +6,9 @@
 - The MLflow server stopped mid-run and the S3 endpoint restarted mid-run (one run, to keep
   the suite short): training goes on, the outage is a clear warning, buffered metrics
   arrive once MLflow is back, and no incomplete checkpoint is ever the result.
-- A killed driver resuming on rerun is tests/test_train_e2e.py::
-  test_interrupted_run_resumes_and_steps_as_if_never_stopped; a killed sweep is covered
-  in tests/test_tune.py.
+- The same run rerun after its newest checkpoint was damaged (as a driver killed mid-upload
+  leaves one): it goes on from the complete one before, in the same MLflow run, and takes
+  the very steps the first run took. A killed sweep is covered in tests/test_tune.py.
 
 moto keeps objects in memory, so a restarted S3 endpoint comes back empty: the S3 test can
 show that the run survives the outage and never reports an incomplete checkpoint, not that
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from services import MlflowServer, S3Server, pipeline_env
 
@@ -119,6 +120,7 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
         "run.max_failures=1",
         "run.probe_steps=0",
         "run.log_every=5",
+        "data.loader_workers=2",  # the rerun below checks they are read in the same turn
     ]  # fmt: skip
     for name_, value in s3_server.env.items():  # this process reads the checkpoints too
         monkeypatch.setenv(name_, value)
@@ -193,6 +195,42 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
 
     staging = checkpoint_staging(join(f"s3://{bucket}/runs", name))
     assert staging.is_dir() and not list(staging.iterdir())
+
+    # A rerun whose newest checkpoint is damaged goes on from the complete one before it,
+    # and takes the very steps the first run took: same data (two loader workers, read in
+    # turn), augmentation and optimiser, so it writes the same weights again.
+    from san.storage import STATE_FILE, load_checkpoint
+
+    last = f"{prefix}checkpoint_{steps:07d}"
+    first_state, _ = load_checkpoint(f"s3://{bucket}/{last}")
+    state_key = f"{last}/{STATE_FILE}"
+    body = s3_server.client().get_object(Bucket=bucket, Key=state_key)["Body"].read()
+    s3_server.client().put_object(Bucket=bucket, Key=state_key, Body=body[:1000])
+    rerun = subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    again = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert again["mlflow_run_id"] == result["mlflow_run_id"]
+    assert again["metrics"]["step"] == steps
+    went_on_from = f"s3://{bucket}/{prefix}checkpoint_{steps - every:07d}"
+    assert f"checkpoint s3://{bucket}/{last} is corrupt: " in rerun.stderr, rerun.stderr[-3000:]
+    assert f"; resuming from {went_on_from} instead" in rerun.stderr
+    assert f"resumed from step {steps - every}" in rerun.stderr
+    assert f"data: the stream goes on where step {steps - every} left it" in rerun.stderr
+    assert f"step 5/{steps} " not in rerun.stderr  # it did not start again at 0
+    rerun_state, _ = load_checkpoint(f"s3://{bucket}/{last}")
+    assert rerun_state["data"] == first_state["data"]
+    for tensor_name, tensor in first_state["model"].items():
+        assert torch.equal(rerun_state["model"][tensor_name], tensor), tensor_name
+    run = client.get_run(run.info.run_id)
+    assert run.data.tags["san.resumed_at_step"] == str(steps - every)
+    out, err = out + rerun.stdout, err + rerun.stderr
 
     # No secret value anywhere: params, tags, metric names, artifacts, storage, logs.
     needles = [v.encode() for v in secret_values.values()]

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from sample_data import write_folder
 from services import pipeline_env
-
-from san import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "configs" / "tiny.yaml"
@@ -122,99 +115,3 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     # So does the probe, which rank 0 fitted and both ranks scored on their part of val.
     probe = evaluated["metrics"]["probe_miou"]
     assert probe == pytest.approx(result["metrics"]["probe_miou"], abs=1e-6)
-
-
-def latest_complete_checkpoint(run_dir: Path) -> int:
-    """The newest step whose checkpoint is complete (a manifest alone is not enough: Ray
-    copies a checkpoint's files in no set order, and a kill can land between them)."""
-    found = storage.latest_complete_checkpoint(str(run_dir))
-    return found[1]["step"] if found else 0
-
-
-def running(pid: int) -> bool:
-    """Whether process `pid` is still running (a zombie has stopped)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def test_interrupted_run_resumes_and_steps_as_if_never_stopped(tmp_path):
-    """A run killed after a checkpoint and rerun goes on in the same MLflow run from a saved
-    step, and takes the very steps the killed run took: same data (two loader workers,
-    read in turn), augmentation and optimiser, so the same weights. To compare, the newest
-    checkpoint is damaged before the rerun, which then goes on from the newest complete
-    one before it, and writes the damaged one again."""
-    steps = 30  # the kill lands at step 10 or 15: enough left to see the resume
-    env = pipeline_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    args = [
-        "--config",
-        str(TINY),
-        f"run.storage={tmp_path / 'ray'}",
-        "run.name=resume-me",
-        f"optim.max_steps={steps}",
-        "run.checkpoint_every=5",
-        "run.keep_checkpoints=0",
-        "run.probe_steps=0",
-        "data.loader_workers=2",
-    ]
-    run_dir = tmp_path / "ray" / "resume-me"
-    first_log = tmp_path / "first.txt"
-    # The first run waits for each upload, the rerun uploads in the background (the
-    # default): either resumes from the other's checkpoints.
-    first = subprocess.Popen(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args, "run.checkpoint_upload=sync"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=first_log.open("w"),
-        start_new_session=True,
-    )
-    try:
-        deadline = time.time() + 300
-        while latest_complete_checkpoint(run_dir) < 10 and time.time() < deadline:
-            assert first.poll() is None, "the first run ended before it could be interrupted"
-            time.sleep(0.5)
-        # The training worker first: Ray's worker processes are not in the driver's process
-        # group, and one would go on writing checkpoints for a while.
-        worker = int(re.findall(r"worker rank 0 of 1: pid (\d+)", first_log.read_text())[0])
-        os.kill(worker, signal.SIGKILL)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
-        first.wait()
-    while running(worker) and time.time() < deadline:
-        time.sleep(0.1)
-    saved = latest_complete_checkpoint(run_dir)
-    assert 10 <= saved < steps, f"interrupt came too late or too early (step {saved})"
-    newest = run_dir / f"checkpoint_{saved:07d}"
-    killed_run_state, _ = storage.load_checkpoint(str(newest))
-    with open(newest / storage.STATE_FILE, "r+b") as state_file:
-        state_file.truncate(1000)
-    ray_record = run_dir / "checkpoint_manager_snapshot.json"  # none if killed before Ray wrote it
-    registered = ray_record.exists() and newest.name in ray_record.read_text()
-
-    result, proc = run_pipeline("train.py", args, env)
-    resumed_at = int(proc.stderr.split("resumed from step ")[1].split()[0])
-    assert resumed_at == saved - 5, proc.stderr[-2000:]
-    if registered:  # Ray resumed from it: the loop went past it with a warning
-        went_on_from = run_dir / f"checkpoint_{resumed_at:07d}"
-        assert f"checkpoint {newest} is corrupt: " in proc.stderr
-        assert f"; resuming from {went_on_from} instead" in proc.stderr
-    assert f"data: the stream goes on where step {resumed_at} left it" in proc.stderr
-    rerun_state, _ = storage.load_checkpoint(str(newest))
-    assert rerun_state["data"] == killed_run_state["data"]
-    for name, tensor in killed_run_state["model"].items():
-        assert torch.equal(rerun_state["model"][name], tensor), name
-    next_logged = (resumed_at // 2 + 1) * 2  # tiny.yaml logs every 2 steps; saves every 5
-    assert f"step {next_logged}/{steps}" in proc.stderr or next_logged > steps
-    assert f"step 2/{steps} " not in proc.stderr  # it did not start again at 0
-    assert result["metrics"]["step"] == steps
-
-    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    runs = client.search_runs(
-        [client.get_experiment_by_name("san").experiment_id],
-        filter_string="tags.`san.run_name` = 'resume-me'",
-    )
-    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]  # the same run, resumed
-    assert runs[0].data.tags["san.resumed_at_step"] == str(resumed_at)
