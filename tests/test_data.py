@@ -215,7 +215,7 @@ time.sleep(600)
 def test_loader_workers_end_when_the_training_process_is_killed() -> None:
     """torch's loader workers outlived a SIGKILLed training worker (their exit waits on a
     pipe their siblings hold), keeping its sockets open: Ray's restart of the worker
-    group waited about 9 minutes. PairLoader's workers die with their parent."""
+    group waited over 7 minutes. PairLoader's workers die with their parent."""
     proc = subprocess.Popen(
         [sys.executable, "-c", LOADER_THEN_SLEEP], stdout=subprocess.PIPE, text=True
     )

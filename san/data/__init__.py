@@ -366,12 +366,13 @@ def unpack_pairs(batch: dict) -> dict:
 
 class EndWithParent:
     """A DataLoader ``worker_init_fn``: the loader worker is killed when the process that
-    started it dies (Linux; elsewhere it does nothing).
+    started it dies (Linux; elsewhere it does nothing). Strictly, when the thread that
+    started it ends: a loader is iterated from one thread.
 
     torch's loader workers notice a dead parent, but their exit then waits on a queue pipe
     that the sibling workers still hold open, so they live on. A training worker killed
-    by the OOM killer or a lost node thus left its loader workers holding its sockets,
-    and Ray took the dead worker for a slow one: the restart waited about 9 minutes.
+    (the OOM killer, a crash, kill -9) thus left its loader workers holding its sockets,
+    and Ray took the dead worker for a slow one: its restart waited over 7 minutes.
     """
 
     def __init__(self, parent_pid: int) -> None:
@@ -392,7 +393,7 @@ class PairLoader(DataLoader):
 
     Takes DataLoader's arguments except `collate_fn` and `worker_init_fn`; a batch crosses
     from loader workers as two (inlined) tensors and arrives with the keys `Trainer.step`
-    reads. Iterate it in the process that made it.
+    reads. Iterate it in the process that made it, from one thread.
     """
 
     def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:
