@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections import Counter
@@ -216,15 +218,17 @@ def test_loader_workers_end_when_the_training_process_is_killed() -> None:
     """torch's loader workers outlived a SIGKILLed training worker (their exit waits on a
     pipe their siblings hold), keeping its sockets open: Ray's restart of the worker
     group waited over 7 minutes. PairLoader's workers die with their parent."""
-    proc = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", LOADER_THEN_SLEEP], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        pids = [int(p) for p in proc.stdout.readline().split()]
-        assert len(pids) == 2
-    finally:
-        proc.kill()
-        proc.wait()
+    ) as proc:
+        hung = threading.Timer(120, proc.kill)  # a hang reads as an empty line, and fails
+        hung.start()
+        try:
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 2, "the loader did not start its two workers"
+        finally:
+            hung.cancel()
+            proc.kill()
 
     def alive(pid: int) -> bool:
         try:
@@ -238,7 +242,8 @@ def test_loader_workers_end_when_the_training_process_is_killed() -> None:
         time.sleep(0.1)
     left = [pid for pid in pids if alive(pid)]
     for pid in left:  # a failing run leaves nothing behind either
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     assert not left, f"loader workers {left} outlived their parent"
 
 

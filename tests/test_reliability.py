@@ -6,9 +6,10 @@
 - The MLflow server stopped mid-run and the S3 endpoint restarted mid-run (one run, to keep
   the suite short): training goes on, the outage is a clear warning, buffered metrics
   arrive once MLflow is back, and no incomplete checkpoint is ever the result.
-- The same run rerun after its newest checkpoint was damaged (as a driver killed mid-upload
-  leaves one): it goes on from the complete one before, in the same MLflow run, and takes
-  the very steps the first run took. A killed sweep is covered in tests/test_tune.py.
+- The same run rerun after its newest checkpoint, which Ray registered, was damaged: it
+  goes on from the complete one before, in the same MLflow run, and takes the very steps
+  the first run took. A killed sweep is covered in tests/test_tune.py; a driver stopped
+  mid-run and resubmitted, in tests/test_job_submit.py.
 
 moto keeps objects in memory, so a restarted S3 endpoint comes back empty: the S3 test can
 show that the run survives the outage and never reports an incomplete checkpoint, not that
@@ -206,31 +207,33 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
     state_key = f"{last}/{STATE_FILE}"
     body = s3_server.client().get_object(Bucket=bucket, Key=state_key)["Body"].read()
     s3_server.client().put_object(Bucket=bucket, Key=state_key, Body=body[:1000])
-    rerun = subprocess.run(
-        [sys.executable, str(ROOT / "pipelines" / "train.py"), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    ray_record = (
+        s3_server.client()
+        .get_object(Bucket=bucket, Key=f"{prefix}checkpoint_manager_snapshot.json")["Body"]
+        .read()
     )
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    again = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert f"checkpoint_{steps:07d}".encode() in ray_record  # what the rerun is handed
+    rerun_logs = tmp_path / "rerun"
+    rerun_proc = start_train(args, env, rerun_logs)
+    assert finish(rerun_proc, timeout=400) == 0, (rerun_logs / "stderr.txt").read_text()[-4000:]
+    rerun_out = (rerun_logs / "stdout.txt").read_text()
+    rerun_err = (rerun_logs / "stderr.txt").read_text()
+    again = json.loads(rerun_out.strip().splitlines()[-1])
     assert again["mlflow_run_id"] == result["mlflow_run_id"]
     assert again["metrics"]["step"] == steps
     went_on_from = f"s3://{bucket}/{prefix}checkpoint_{steps - every:07d}"
-    assert f"checkpoint s3://{bucket}/{last} is corrupt: " in rerun.stderr, rerun.stderr[-3000:]
-    assert f"; resuming from {went_on_from} instead" in rerun.stderr
-    assert f"resumed from step {steps - every}" in rerun.stderr
-    assert f"data: the stream goes on where step {steps - every} left it" in rerun.stderr
-    assert f"step 5/{steps} " not in rerun.stderr  # it did not start again at 0
+    assert f"checkpoint s3://{bucket}/{last} is corrupt: " in rerun_err, rerun_err[-3000:]
+    assert f"; resuming from {went_on_from} instead" in rerun_err
+    assert f"resumed from step {steps - every}" in rerun_err
+    assert f"data: the stream goes on where step {steps - every} left it" in rerun_err
+    assert f"step 5/{steps} " not in rerun_err  # it did not start again at 0
     rerun_state, _ = load_checkpoint(f"s3://{bucket}/{last}")
     assert rerun_state["data"] == first_state["data"]
     for tensor_name, tensor in first_state["model"].items():
         assert torch.equal(rerun_state["model"][tensor_name], tensor), tensor_name
     run = client.get_run(run.info.run_id)
     assert run.data.tags["san.resumed_at_step"] == str(steps - every)
-    out, err = out + rerun.stdout, err + rerun.stderr
+    out, err = out + rerun_out, err + rerun_err
 
     # No secret value anywhere: params, tags, metric names, artifacts, storage, logs.
     needles = [v.encode() for v in secret_values.values()]

@@ -381,10 +381,10 @@ class EndWithParent:
     def __call__(self, worker_id: int) -> None:
         if not sys.platform.startswith("linux"):
             return
-        pr_set_pdeathsig = 1  # <linux/prctl.h>
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        pr_set_pdeathsig = 1  # <linux/prctl.h>; a refused call (seccomp) leaves torch's way
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, ctypes.c_ulong(signal.SIGKILL))
         if os.getppid() != self.parent_pid:  # the parent died before the line above
-            os._exit(1)
+            os._exit(1)  # not sys.exit: its exit handlers would wait on the dead queue
 
 
 class PairLoader(DataLoader):
@@ -393,16 +393,21 @@ class PairLoader(DataLoader):
 
     Takes DataLoader's arguments except `collate_fn` and `worker_init_fn`; a batch crosses
     from loader workers as two (inlined) tensors and arrives with the keys `Trainer.step`
-    reads. Iterate it in the process that made it, from one thread.
+    reads. Iterate it from one thread.
     """
 
     def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:
-        super().__init__(
-            dataset,
-            collate_fn=dataset.transform.collate,
-            worker_init_fn=EndWithParent(os.getpid()),
-            **kwargs,
-        )
+        if "worker_init_fn" in kwargs:
+            raise TypeError("PairLoader sets worker_init_fn itself (EndWithParent)")
+        super().__init__(dataset, collate_fn=dataset.transform.collate, **kwargs)
+
+    def _get_iterator(self):  # where torch starts the workers, in the iterating process
+        context = self.multiprocessing_context or torch.multiprocessing
+        # Under forkserver the workers' parent is the fork server: nothing to end with.
+        started_here = context.get_start_method() in ("fork", "spawn")
+        if self.num_workers > 0 and started_here:
+            self.worker_init_fn = EndWithParent(os.getpid())
+        return super()._get_iterator()
 
     def __iter__(self) -> Iterator[dict]:
         return map(unpack_pairs, super().__iter__())
