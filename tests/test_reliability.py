@@ -66,13 +66,15 @@ def wait_for(what: str, check, proc: subprocess.Popen, timeout: float = 300.0, l
     pytest.fail(f"timed out waiting for {what}")
 
 
-def finish(proc: subprocess.Popen, timeout: float = 500.0) -> int:
+def finish(proc: subprocess.Popen, logs: Path, timeout: float = 500.0) -> tuple[int, str, str]:
+    """Wait for a `start_train` run (killed whole on a timeout): exit code, stdout, stderr."""
     try:
-        return proc.wait(timeout=timeout)
+        rc = proc.wait(timeout=timeout)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    return rc, (logs / "stdout.txt").read_text(), (logs / "stderr.txt").read_text()
 
 
 def s3_checkpoints(s3: S3Server, bucket: str, prefix: str) -> dict[int, set[str]]:
@@ -152,12 +154,11 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
         first = wait_for("the first complete checkpoint", verified_steps, proc, logs=logs)
         assert max(first) < steps, "the run ended before the worker could be killed"
         os.kill(pid, signal.SIGKILL)
-        rc = finish(proc)
+        rc, out, err = finish(proc, logs)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    out, err = (logs / "stdout.txt").read_text(), stderr.read_text()
     assert rc == 0, err[-4000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["metrics"]["step"] == steps
@@ -205,19 +206,15 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
     last = f"{prefix}checkpoint_{steps:07d}"
     first_state, _ = load_checkpoint(f"s3://{bucket}/{last}")
     state_key = f"{last}/{STATE_FILE}"
-    body = s3_server.client().get_object(Bucket=bucket, Key=state_key)["Body"].read()
-    s3_server.client().put_object(Bucket=bucket, Key=state_key, Body=body[:1000])
-    ray_record = (
-        s3_server.client()
-        .get_object(Bucket=bucket, Key=f"{prefix}checkpoint_manager_snapshot.json")["Body"]
-        .read()
-    )
+    s3 = s3_server.client()
+    body = s3.get_object(Bucket=bucket, Key=state_key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=state_key, Body=body[:1000])
+    record_key = f"{prefix}checkpoint_manager_snapshot.json"
+    ray_record = s3.get_object(Bucket=bucket, Key=record_key)["Body"].read()
     assert f"checkpoint_{steps:07d}".encode() in ray_record  # what the rerun is handed
     rerun_logs = tmp_path / "rerun"
-    rerun_proc = start_train(args, env, rerun_logs)
-    assert finish(rerun_proc, timeout=400) == 0, (rerun_logs / "stderr.txt").read_text()[-4000:]
-    rerun_out = (rerun_logs / "stdout.txt").read_text()
-    rerun_err = (rerun_logs / "stderr.txt").read_text()
+    rc, rerun_out, rerun_err = finish(start_train(args, env, rerun_logs), rerun_logs, 400)
+    assert rc == 0, rerun_err[-4000:]
     again = json.loads(rerun_out.strip().splitlines()[-1])
     assert again["mlflow_run_id"] == result["mlflow_run_id"]
     assert again["metrics"]["step"] == steps
@@ -248,7 +245,6 @@ def test_worker_killed_mid_run_resumes_same_run_and_leaks_no_secret(
     assert files, "no artifacts downloaded"
     for path in files:
         assert not leaks(path.read_bytes()), f"secret in MLflow artifact {path}"
-    s3 = s3_server.client()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
             body = s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
@@ -320,12 +316,11 @@ def _mlflow_down_and_s3_restart(mlflow, storage_s3, tmp_path, monkeypatch):
         time.sleep(4)
         storage_s3.start()  # moto comes back empty; the bucket is made again
         mlflow.start(timeout=400)
-        rc = finish(proc)
+        rc, out, err = finish(proc, logs)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    out, err = (logs / "stdout.txt").read_text(), stderr.read_text()
     assert "MLflow is unreachable" in err and "training continues" in err
     if rc != 0:
         # Allowed outcome: a clear one-line error, and nothing incomplete presented as a result.
