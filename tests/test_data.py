@@ -684,6 +684,11 @@ def test_raw_shards_hold_the_same_pixels(tmp_path: Path) -> None:
     assert len(rows[0]["label"]) == 24 * 24 and rows[2]["label"] is None  # uint8 H x W
     label_column = pq.ParquetFile(tmp_path / "raw" / "shard-00000.parquet").metadata
     assert label_column.row_group(0).column(2).compression == "ZSTD"
+    # Unique values in a dictionary page are read back with a second copy of each: none.
+    for encoding in ("source", "raw"):
+        metadata = pq.ParquetFile(tmp_path / encoding / "shard-00000.parquet").metadata
+        group = metadata.row_group(0)
+        assert not any(group.column(c).has_dictionary_page for c in range(group.num_columns))
     as_source = {
         s["id"]: s
         for s in ShardDataset(str(tmp_path / "source"), "x").iter_partition(0, 1, 0, False, 0)

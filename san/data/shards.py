@@ -191,7 +191,13 @@ def _table_bytes(rows: list[dict], image_encoding: str) -> bytes:
     compression = {name: "none" for name in SCHEMA.names}
     if raw:
         compression["label"] = "zstd"
-    pq.write_table(table, sink, row_group_size=ROW_GROUP, compression=compression)
+    # No dictionary encoding: every image and label is unique, so Arrow's default puts a
+    # whole row group's values in a dictionary page, and reading it back copies each value
+    # twice (the dictionary, then the plain column): 44 against 21 us per raw 240x180
+    # image to read a row group, measured.
+    pq.write_table(
+        table, sink, row_group_size=ROW_GROUP, compression=compression, use_dictionary=False
+    )
     return sink.getvalue().to_pybytes()
 
 
