@@ -193,8 +193,8 @@ def _table_bytes(rows: list[dict], image_encoding: str) -> bytes:
         compression["label"] = "zstd"
     # No dictionary encoding: every image and label is unique, so Arrow's default puts a
     # whole row group's values in a dictionary page, and reading it back copies each value
-    # twice (the dictionary, then the plain column): 44 against 21 us per raw 240x180
-    # image to read a row group, measured.
+    # twice (the dictionary, then the plain column). Measured per raw 240x180 image: the
+    # row-group read 44 -> 21 us; read + decode through `iter_partition` 80 -> 42 us.
     pq.write_table(
         table, sink, row_group_size=ROW_GROUP, compression=compression, use_dictionary=False
     )
