@@ -708,6 +708,29 @@ def test_raw_shards_hold_the_same_pixels(tmp_path: Path) -> None:
         write_shards(records, str(tmp_path / "bad"), image_encoding="webp")
 
 
+def test_shards_with_dictionary_pages_read_with_one_warning(tmp_path: Path, caplog) -> None:
+    """Shards written before dictionary pages were turned off still read, the same
+    samples, and a reader says once that rewriting them would read faster; shards written
+    now say nothing."""
+    records = _records(6)
+    write_shards(records, str(tmp_path / "new"), shard_size=4, image_encoding="raw")
+    write_shards(records, str(tmp_path / "old"), shard_size=4, image_encoding="raw")
+    for name in ("shard-00000.parquet", "shard-00001.parquet"):
+        path = tmp_path / "old" / name
+        pq.write_table(pq.read_table(path), path)  # pyarrow's default: dictionary pages
+    with caplog.at_level("WARNING", logger="san"):
+        new = list(ShardDataset(str(tmp_path / "new"), "x").iter_partition(0, 1, 0, False, 0))
+        assert not caplog.records
+        old_reader = ShardDataset(str(tmp_path / "old"), "x")
+        old = list(old_reader.iter_partition(0, 1, 0, False, 0))
+        old += list(old_reader.iter_partition(0, 1, 1, True, 0))
+    assert [s["id"] for s in old[:6]] == [s["id"] for s in new]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(old, new, strict=False))
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert str(tmp_path / "old") in warnings[0] and "prepare_data.py" in warnings[0]
+
+
 def test_raw_shard_row_of_the_wrong_size_is_skipped_by_name(tmp_path: Path) -> None:
     records = _records(3)
     records[1]["width"] = 25  # the record lies about its size: refused when writing
