@@ -203,7 +203,6 @@ class Predictor:
         ids = [str(i) for i in batch["id"]]
         statuses = []
         for index, sample_id in enumerate(ids):
-            mask_url = storage.join(self.output, MASK_DIR, f"{sample_id}.png")
             if sample_id in self.skip:
                 statuses.append("skipped")
                 continue
@@ -226,6 +225,7 @@ class Predictor:
                 panel = overlay_panel(rgb.unsqueeze(0), mask.unsqueeze(0).long())
                 overlay_url = storage.join(self.output, OVERLAY_DIR, f"{sample_id}.png")
                 storage.write_bytes_atomic(overlay_url, panel)
+            mask_url = storage.join(self.output, MASK_DIR, f"{sample_id}.png")
             storage.write_bytes_atomic(mask_url, encode_png(mask))  # last: marks the id done
             statuses.append("written")
         return {"id": np.array(ids, dtype=object), "status": np.array(statuses, dtype=object)}
