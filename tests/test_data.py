@@ -935,6 +935,24 @@ def test_remote_shards_are_fetched_one_ahead(s3_env, tmp_path: Path) -> None:
     assert sorted(p.name for p in cache.iterdir()) == sorted(names[:2])
 
 
+def test_epoch_ahead_fetches_give_each_part_its_own_rows(s3_env) -> None:
+    """With more parts than shards and a short last shard, a training reader that fetched
+    the next epoch's first shard ahead reads every epoch exactly as a reader that fetched
+    nothing ahead (a fetch ahead once went to a shard the part did not read, and its
+    bytes were read as another shard's)."""
+    bucket = s3_env.make_bucket("parts-ahead")
+    write_shards(_records(5), f"{bucket}/ds/train", shard_size=4)  # 4 rows and 1
+    for part in range(3):
+        reference = ShardDataset(f"{bucket}/ds", "train")
+        training = ShardDataset(f"{bucket}/ds", "train")
+        training.epochs_follow = True
+        for epoch in range(4):  # seed 1 shuffles the 2 shards' order in epoch 2
+            expect = [s["id"] for s in reference.iter_partition(part, 3, epoch, True, 1)]
+            got = [s["id"] for s in training.iter_partition(part, 3, epoch, True, 1)]
+            assert got == expect and expect, (part, epoch)
+            assert training._ahead is not None  # the next epoch's first shard is on its way
+
+
 @pytest.mark.parametrize("kind", [pa.binary(), pa.large_binary()])
 def test_binary_views_are_the_column_values(kind) -> None:
     """Rows read as views of Arrow's buffer are the column's bytes, chunked or sliced."""
@@ -1052,6 +1070,28 @@ def test_partitions_shards(tmp_path: Path, n_parts: int, shard_size: int) -> Non
     _check_partitions(ShardDataset(str(tmp_path), "train"), n_parts)
 
 
+@pytest.mark.parametrize("n_parts", [2, 3, 5])
+def test_shard_parts_are_equal_whatever_the_shard_sizes(tmp_path: Path, n_parts: int) -> None:
+    """Every part feeds batches at the same rate, so parts must hold the same number of
+    rows (to one), or the smaller parts' images are read more often: shards of 8 and 3
+    rows once went one to each of 2 parts. Each part still reads only some of the shards:
+    at most its share of them plus the one it shares with each neighbour."""
+    write_shards(_records(11), str(tmp_path), shard_size=8)  # shards of 8 and 3 rows
+    write_shards(_records(23), str(tmp_path / "more"), shard_size=4)  # 5 of 4, one of 3
+    for source in (ShardDataset(str(tmp_path), "x"), ShardDataset(str(tmp_path / "more"), "x")):
+        n_files = len(source.shards)
+        for epoch in range(4):
+            for shuffle in (False, True):
+                sizes = [
+                    len(list(source.iter_partition(part, n_parts, epoch, shuffle, 3)))
+                    for part in range(n_parts)
+                ]
+                assert sum(sizes) == len(source) and max(sizes) - min(sizes) <= 1, sizes
+                for part in range(n_parts):
+                    files = source._part_slices(part, n_parts, epoch, shuffle, 3)
+                    assert len(files) <= -(-n_files // n_parts) + 1
+
+
 def test_shuffle_changes_order_by_epoch() -> None:
     ds = SyntheticScenes(20, 16, 3)
     first = [s["id"] for s in ds.iter_partition(0, 1, 0, True, 0)]
@@ -1109,8 +1149,8 @@ def test_a_part_read_from_a_position_is_the_rest_of_its_epoch(
     kind: str, n_parts: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What a resumed run relies on: reading a part from `start` gives exactly what reading
-    it whole gives from there on. Shards: 3 files of 2-row groups, read whole files per part
-    (2 parts) or every n-th row of every file (5 parts)."""
+    it whole gives from there on. Shards: 3 files of 2-row groups; parts whose stretch of
+    the epoch's rows starts or ends inside a file or inside a row group (2 and 5 parts)."""
     if kind == "shards":
         monkeypatch.setattr(shards_module, "ROW_GROUP", 2)
         write_shards(_records(11), str(tmp_path), shard_size=4)

@@ -298,7 +298,7 @@ class ShardDataset(ForkSafeFilesystem):
     # StreamDataset sets this when it reads epoch after epoch (training): an epoch's last
     # remote shard then fetches the next epoch's first one ahead, as within an epoch.
     epochs_follow = False
-    # ((process id, the epoch's iter_partition arguments), the fetch of its first shard).
+    # ((process id, the epoch's iter_partition arguments, its first shard), that shard's fetch).
     _ahead: tuple[tuple, Future] | None = None
     # Whether this reader has looked for dictionary pages (`_check_page_layout`).
     _layout_checked = False
@@ -405,24 +405,34 @@ class ShardDataset(ForkSafeFilesystem):
         state.pop("_ahead", None)  # a fetch in flight belongs to this process's thread
         return state
 
-    def _file_order(
+    def _part_slices(
         self, part: int, n_parts: int, epoch: int, shuffle: bool, seed: int
-    ) -> tuple[list[int], bool]:
-        """(the shards this part reads in `epoch`, in order; whether it reads whole files).
+    ) -> list[tuple[int, int, int]]:
+        """This part's rows in `epoch`: (file index, first row, end row) for each shard it
+        reads, in the order it reads them.
 
-        With at least n_parts shards each part reads only its own files; otherwise every
-        part reads all files and keeps the rows whose global index % n_parts == part.
+        The epoch's shard order (shuffled by epoch) is one sequence of rows, and part p
+        takes the p-th of n_parts equal stretches of it: parts differ by at most one row,
+        and each reads about 1/n_parts of the shards (plus the ones its stretch shares
+        with its neighbours'). Whole shards per part would tie each part to the same
+        files every epoch and make parts unequal (a 256-row and a 111-row shard: the 111
+        images read 2.3x as often, since every part feeds batches at the same rate).
         """
         if n_parts < 1 or not 0 <= part < n_parts:
             raise ValueError(f"part={part} must be in [0, n_parts={n_parts})")
-        n_files = len(self.shards)
-        order = list(range(n_files))
+        order = list(range(len(self.shards)))
         if shuffle:
-            order = [int(i) for i in epoch_rng(seed, epoch).permutation(n_files)]
-        by_file = n_files >= n_parts
-        if by_file:
-            order = [i for i in order if i % n_parts == part]
-        return order, by_file
+            order = [int(i) for i in epoch_rng(seed, epoch).permutation(len(order))]
+        total = self._offsets[-1]
+        lo, hi = total * part // n_parts, total * (part + 1) // n_parts
+        slices, first = [], 0  # first: where file_idx's rows begin in the epoch's sequence
+        for file_idx in order:
+            rows = self._offsets[file_idx + 1] - self._offsets[file_idx]
+            begin, end = max(lo, first), min(hi, first + rows)
+            if begin < end:
+                slices.append((file_idx, begin - first, end - first))
+            first += rows
+        return slices
 
     def _fetched_in_order(
         self, order: list[int], epoch_key: tuple, next_epoch: tuple[tuple, int] | None
@@ -441,7 +451,7 @@ class ShardDataset(ForkSafeFilesystem):
         finished = False
         try:
             # Forked processes (loader workers) inherit the parent's fetch but not its thread.
-            if ahead is not None and ahead[0] == (os.getpid(), epoch_key):
+            if ahead is not None and ahead[0] == (os.getpid(), epoch_key, order[0]):
                 pending = ahead[1]
             else:
                 pending = pool.submit(self._fetch, self.shards[order[0]])
@@ -452,7 +462,7 @@ class ShardDataset(ForkSafeFilesystem):
                 elif next_epoch is not None:
                     key, first = next_epoch
                     future = pool.submit(self._fetch, self.shards[first])
-                    self._ahead = ((os.getpid(), key), future)
+                    self._ahead = ((os.getpid(), key, first), future)
                 yield file_idx, fetched
             finished = True
         finally:
@@ -560,34 +570,26 @@ class ShardDataset(ForkSafeFilesystem):
     ) -> Iterator[dict]:
         """Stream this part's samples from position `start` of its epoch order, each with
         its "position" there, one row group in memory at a time (which shards and rows:
-        `_file_order`). Shards and row groups wholly before `start` are not read."""
-        order, by_file = self._file_order(part, n_parts, epoch, shuffle, seed)
-        position = 0  # of the first row of order[0] in this part's epoch order
-        while order and position + self._part_rows(order[0], part, n_parts, by_file) <= start:
-            position += self._part_rows(order.pop(0), part, n_parts, by_file)
+        `_part_slices`). Shards and row groups wholly before `start` are not read."""
+        slices = self._part_slices(part, n_parts, epoch, shuffle, seed)
+        position = 0  # of the first row of slices[0] in this part's epoch order
+        while slices and position + slices[0][2] - slices[0][1] <= start:
+            _, first_row, end_row = slices.pop(0)
+            position += end_row - first_row
         next_epoch = None
         if self.epochs_follow and not self.is_local:
-            following, _ = self._file_order(part, n_parts, epoch + 1, shuffle, seed)
+            following = self._part_slices(part, n_parts, epoch + 1, shuffle, seed)
             if following:
-                next_epoch = ((part, n_parts, epoch + 1, shuffle, seed, 0), following[0])
+                next_epoch = ((part, n_parts, epoch + 1, shuffle, seed, 0), following[0][0])
         epoch_key = (part, n_parts, epoch, shuffle, seed, start)
-        for file_idx, fetched in self._fetched_in_order(order, epoch_key, next_epoch):
+        order = [file_idx for file_idx, _, _ in slices]
+        fetched_files = self._fetched_in_order(order, epoch_key, next_epoch)
+        for (file_idx, fetched), (_, first_row, end_row) in zip(fetched_files, slices, strict=True):
             with self._open(self.shards[file_idx], fetched) as pf:
                 yield from self._iter_file(
-                    pf, file_idx, part, n_parts, by_file, epoch, shuffle, seed, position, start
+                    pf, file_idx, first_row, end_row, epoch, shuffle, seed, position, start
                 )
-            position += self._part_rows(file_idx, part, n_parts, by_file)
-
-    def _part_rows(self, file_idx: int, part: int, n_parts: int, by_file: bool) -> int:
-        """How many of shard `file_idx`'s rows belong to `part` (from the manifest alone)."""
-        first, end = self._offsets[file_idx], self._offsets[file_idx + 1]
-        if by_file:
-            return end - first
-
-        def before(x: int) -> int:  # rows g < x with g % n_parts == part
-            return max(0, (x - part + n_parts - 1) // n_parts)
-
-        return before(end) - before(first)
+            position += end_row - first_row
 
     def _check_page_layout(self, pf: pq.ParquetFile) -> None:
         """Warn, once per reader, about shards whose images sit in a dictionary page (as
@@ -610,19 +612,19 @@ class ShardDataset(ForkSafeFilesystem):
         self,
         pf: pq.ParquetFile,
         file_idx: int,
-        part: int,
-        n_parts: int,
-        by_file: bool,
+        first_row: int,
+        end_row: int,
         epoch: int,
         shuffle: bool,
         seed: int,
         position: int,
         start: int,
     ) -> Iterator[dict]:
-        """One shard's rows for this part, row group by row group (shuffled within the file),
-        from the file's first row at `position` of the part's order; rows before `start` are
-        skipped, and row groups wholly before it are not read. The skipped groups' shuffles
-        are drawn all the same, so the rest come in the order an unbroken epoch gives."""
+        """Rows [first_row, end_row) of one shard, row group by row group (shuffled within
+        the file), the first of them at `position` of the part's order; rows before `start`
+        are skipped, and row groups wholly before it are not read. The skipped groups'
+        shuffles are drawn all the same, so the rest come in the order an unbroken epoch
+        gives."""
         self._check_page_layout(pf)
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         starts = [0]
@@ -633,12 +635,11 @@ class ShardDataset(ForkSafeFilesystem):
         if shuffle:
             groups = [int(g) for g in rng.permutation(len(groups))]
         for group in groups:
-            first = self._offsets[file_idx] + starts[group]
-            rows = list(range(sizes[group]))
-            if not by_file:
-                rows = [r for r in rows if (first + r) % n_parts == part]
-                if not rows:
-                    continue
+            begin = max(first_row, starts[group]) - starts[group]
+            end = min(end_row, starts[group + 1]) - starts[group]
+            if begin >= end:
+                continue
+            rows = list(range(begin, end))
             if shuffle:
                 rows = [rows[int(i)] for i in rng.permutation(len(rows))]
             skip = min(max(0, start - position), len(rows))
