@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -101,6 +102,23 @@ def register(model, run_id: str, name: str, alias: str, tags: dict[str, str]) ->
     return {"name": name, "version": int(version.version), "alias": alias}
 
 
+def check_registry_names(name: str, alias: str) -> None:
+    """MLflow's rules for a registered model's name and a version alias, checked before the
+    evaluation: the registry refused them only after it, leaving a new version without
+    its alias behind at every try."""
+    if not name.strip() or "/" in name or ":" in name:
+        raise UserError(f"--register {name!r}: a model name must be non-empty, without '/' or ':'")
+    if (
+        not re.fullmatch(r"[\w\-]{1,255}", alias)
+        or alias.lower() == "latest"
+        or re.fullmatch(r"[vV]\d+", alias)
+    ):
+        raise UserError(
+            f"--alias {alias!r}: an alias is letters, digits, '_' and '-' (at most 255), and "
+            "not 'latest' or v<number> (MLflow keeps those for versions)"
+        )
+
+
 def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, alias: str) -> dict:
     from pipelines import tracking
     from pipelines.loop import run_evaluation
@@ -150,6 +168,8 @@ def main() -> None:
     if args.alias is not None and not args.register:
         raise UserError(f"--alias {args.alias} names a registered version: add --register NAME")
     alias = args.alias or "champion"
+    if args.register:
+        check_registry_names(args.register, alias)
     print_result(evaluate(args.checkpoint, args.overrides, args.register, alias))
 
 

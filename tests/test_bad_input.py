@@ -562,6 +562,26 @@ def test_evaluate_alias_without_register(clean_env, good_checkpoint, monkeypatch
     assert not clean_env["db"].exists()
 
 
+@pytest.mark.parametrize(
+    ("register", "alias", "expected"),
+    [
+        ("san", "v2", "--alias 'v2': an alias is letters"),
+        ("san", "Latest", "--alias 'Latest': an alias is letters"),
+        ("san", "prod.1", "--alias 'prod.1': an alias is letters"),
+        ("team/seg", "best", "--register 'team/seg': a model name must be"),
+    ],
+)
+def test_evaluate_refuses_registry_names_before_evaluating(
+    clean_env, good_checkpoint, monkeypatch, capsys, register, alias, expected
+):
+    """MLflow refused these only after the evaluation and the new model version: a
+    traceback, and a version without its alias at every try."""
+    args = ["--checkpoint", str(good_checkpoint), "--register", register, "--alias", alias]
+    code, err = run_inprocess("evaluate", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, expected)
+    assert not clean_env["db"].exists()
+
+
 # ------------------------------------------------------------------- the real command line
 
 
