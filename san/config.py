@@ -479,7 +479,10 @@ def from_dict(values: dict[str, Any]) -> Config:
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `section.key=value` strings to a nested dict; values are parsed as YAML scalars."""
-    values = {k: dict(v or {}) for k, v in values.items()}
+    if not isinstance(values, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(values).__name__}")
+    # A section that is not a mapping stays as it is, for from_dict to name.
+    values = {k: dict(v or {}) if isinstance(v, dict | None) else v for k, v in values.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
@@ -494,7 +497,10 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
             parsed = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             parsed = raw
-        values.setdefault(section, {})[key] = parsed
+        content = values.setdefault(section, {})
+        if not isinstance(content, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping, got {content!r}")
+        content[key] = parsed
     return values
 
 

@@ -77,6 +77,23 @@ def test_missing_and_malformed_files(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("model: san\n", [], "config section 'model' must be a mapping, got 'san'"),
+        ("model: san\n", ["model.tau=0.1"], "config section 'model' must be a mapping"),
+        ("seed: 3\n", [], "unknown config section 'seed'"),
+    ],
+)
+def test_sections_that_are_not_mappings(tmp_path, text, overrides, expected):
+    """Were a ValueError or TypeError traceback from merging the overrides."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected) as info:
+        load_config(path, overrides)
+    assert "\n" not in str(info.value)
+
+
 def test_baselines_need_their_loss_term():
     with pytest.raises(ConfigError, match="loss.w_mi=0 leaves model.name='iic'"):
         load_config(None, ["model.name=iic", "loss.w_mi=0"])
