@@ -245,6 +245,8 @@ def _candidates(param: Param) -> list[tuple[str, dict[str, Any], str]]:
     inside = param.low + 0.37 * (param.high - param.low)
     if param.kind == "loguniform":
         inside = param.low * (param.high / param.low) ** 0.37
+    if float(inside).is_integer():  # [0, 100] gave 37.0, which an int setting takes
+        inside += min(0.5, (param.high - inside) / 2)
     hint = f" ({param.kind} samples floats between the bounds; an int setting needs randint)"
     return [(entry, {param.key: v}, "") for v in (param.low, param.high)] + [
         (entry, {param.key: inside}, hint)

@@ -74,6 +74,9 @@ def test_trial_config_applies_sampled_values_and_groups(tmp_path: Path) -> None:
         # integer bounds on an int setting: accepted, then every trial failed on a float
         ("params: {model.n_clusters: {uniform: [4, 8]}}", "params.model.n_clusters"),
         ("params: {optim.max_steps: {loguniform: [10, 100]}}", "params.optim.max_steps"),
+        # a value 37% into these ranges is a whole number, which an int setting took
+        ("params: {optim.warmup_steps: {uniform: [0, 100]}}", "params.optim.warmup_steps"),
+        ("params: {optim.max_steps: {uniform: [1000, 3000]}}", "params.optim.max_steps"),
         ("params: {model.n_clusters: {choice: [1, 4]}}", "params.model.n_clusters"),
         ("params: {model.tau: {choice: []}}", "params.model.tau"),
         ("params: {model.tau: {choice: [0.1], grid: [0.2]}}", "params.model.tau"),
@@ -112,7 +115,7 @@ def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry
     message = str(info.value)
     assert "\n" not in message
     assert f"entry {entry!r}" in message, message
-    if "uniform: [" in text and "n_clusters" in text or "max_steps" in text:
+    if "uniform: [" in text and any(k in text for k in ("n_clusters", "_steps")):
         assert "samples floats between the bounds; an int setting needs randint" in message
 
 
