@@ -797,8 +797,17 @@ def test_shards_from_before_label_encoding_read_their_png_labels(tmp_path: Path)
         (lambda m: [m], "is not a SAN shard manifest (format <class 'list'>"),
         (lambda m: {**m, "shards": [{"file": "shard-00000.parquet"}]}, "is damaged: 'shards'"),
         (lambda m: {k: v for k, v in m.items() if k != "shards"}, "is damaged: 'shards'"),
+        (lambda m: {**m, "shards": [{**m["shards"][0], "rows": None}]}, "rows a count"),
+        (lambda m: {**m, "shards": [{**m["shards"][0], "rows": "3"}]}, "rows a count"),
     ],
-    ids=["other-tool", "not-an-object", "shard-without-rows", "no-shards"],
+    ids=[
+        "other-tool",
+        "not-an-object",
+        "shard-without-rows",
+        "no-shards",
+        "null-rows",
+        "text-rows",
+    ],
 )
 def test_foreign_or_damaged_manifest_is_one_line(tmp_path: Path, edit, expected) -> None:
     """A manifest.json this project did not write was a KeyError('shards') traceback."""
@@ -879,6 +888,20 @@ def test_remote_shards_are_cached_locally_once_verified(s3_env, tmp_path: Path) 
     blocked = ShardDataset(f"{bucket}/ds", "train", cache_dir=str(tmp_path / "a-file" / "sub"))
     with pytest.raises(DataError, match=r"data.shard_cache=.*cannot be written"):
         next(blocked.iter_partition(0, 1, 0, False, 0))
+
+
+def test_shard_cache_expands_the_home_directory(s3_env, tmp_path: Path, monkeypatch) -> None:
+    """data.shard_cache=~/... (the shell leaves a ~ after '=' alone) is the home directory,
+    as every other local path setting: it was a folder named '~' wherever the run started."""
+    bucket = s3_env.make_bucket("home-cache")
+    write_shards(_records(3), f"{bucket}/ds/train", shard_size=2)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    ds = ShardDataset(f"{bucket}/ds", "train", cache_dir="~/san-cache")
+    assert len(list(ds.iter_partition(0, 1, 0, False, 0))) == 3
+    assert len(list((tmp_path / "home" / "san-cache").iterdir())) == 2
+    assert not any((tmp_path / "cwd").iterdir())
 
 
 def test_remote_shards_are_checked_against_their_manifest(s3_env) -> None:

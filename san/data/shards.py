@@ -280,11 +280,15 @@ def check_shard_manifest(manifest: object, where: str) -> None:
         )
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(
-        isinstance(s, dict) and {"file", "rows", "sha256"} <= s.keys() for s in shards
+        isinstance(s, dict)
+        and {"file", "rows", "sha256"} <= s.keys()
+        and type(s["rows"]) is int
+        and s["rows"] >= 0
+        for s in shards
     ):
         raise DataError(
             f"{where} is damaged: 'shards' must list {{file, rows, sha256}} for each "
-            "shard; rewrite the shards with pipelines/prepare_data.py"
+            "shard, rows a count; rewrite the shards with pipelines/prepare_data.py"
         )
 
 
@@ -309,7 +313,7 @@ class ShardDataset(ForkSafeFilesystem):
         self.split = split
         root = self._open_filesystem(url.rstrip("/"))
         self.is_local = isinstance(self.fs, LocalFileSystem)
-        self.cache_dir = "" if self.is_local else cache_dir
+        self.cache_dir = "" if self.is_local or not cache_dir else os.path.expanduser(cache_dir)
         direct = f"{root}/{MANIFEST}"
         nested = f"{root}/{split}/{MANIFEST}"
         try:
