@@ -253,15 +253,16 @@ def _candidates(param: Param) -> list[tuple[str, dict[str, Any], str]]:
     ]
 
 
-def check_against_config(space: Space, values: dict[str, Any]) -> None:
-    """Every candidate value must make a valid config on top of `values` (nested dict)."""
+def check_against_config(space: Space, values: dict[str, Any], context: str = "") -> None:
+    """Every candidate value must make a valid config on top of `values` (nested dict);
+    `context` says in the error what else `values` holds."""
     for entry, overrides, hint in [("config", space.config, "")] + [
         c for p in space.params for c in _candidates(p)
     ]:
         try:
             from_dict(apply_values(values, overrides))
         except ConfigError as exc:
-            raise _fail(space.path, entry, f"{exc}{hint}") from None
+            raise _fail(space.path, entry, f"{exc}{context}{hint}") from None
 
 
 def check_class_metric(space: Space, class_names: list[str]) -> None:

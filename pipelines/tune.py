@@ -71,6 +71,8 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
     values = apply_values(base.to_dict(), space.config)
     check_against_config(space, values)  # the space's own entries, one line on failure
     cfg = from_dict(apply_overrides(values, overrides))
+    if overrides:  # trials sample on top of them: what the space allows, they may not
+        check_against_config(space, cfg.to_dict(), f" (with {' '.join(overrides)})")
     check_metric(space, cfg)
     check_models(space, cfg)
     if space.metric in ("miou", "pixel_accuracy") and space.searches_cluster_count():

@@ -119,6 +119,22 @@ def test_bad_space_is_one_line_naming_the_entry(tmp_path: Path, text: str, entry
         assert "samples floats between the bounds; an int setting needs randint" in message
 
 
+def test_command_line_overrides_are_checked_with_the_space(tmp_path: Path) -> None:
+    """Trials sample on top of the command line's overrides: a space value that is valid
+    alone but not with them is refused before Ray starts (it failed in its trials, and
+    the sweep's summary then ended in a traceback, its MLflow run left RUNNING)."""
+    space_path = write(
+        tmp_path,
+        "base_config: pipelines/configs/tiny.yaml\nparams: {loss.w_mi: {choice: [0.0, 1.0]}}",
+    )
+    assert sweep_config(load_space(space_path), None, []).loss.w_mi == 1.0
+    with pytest.raises(SpaceError) as info:
+        sweep_config(load_space(space_path), None, ["model.name=iic"])
+    message = str(info.value)
+    assert "entry 'params.loss.w_mi'" in message and "(with model.name=iic)" in message
+    assert "\n" not in message
+
+
 def test_a_config_given_as_space_is_named_as_such() -> None:
     with pytest.raises(SpaceError, match="is a training config .* pass it as --config"):
         load_space(ROOT / "pipelines" / "configs" / "tiny.yaml")
