@@ -137,10 +137,11 @@ def uploads_in_background(cfg: Config, sweep_trial: bool) -> bool:
 
 
 def report_checkpoint(
-    metrics: dict, state: dict | None, cfg: Config, storage_url: str, name: str, background: bool
+    metrics: dict, state: dict | None, config: dict, storage_url: str, name: str, background: bool
 ) -> None:
-    """Report this step to Ray Train with the checkpoint `state` (rank 0) or none (other
-    ranks; every rank reports, as Ray requires), uploaded to run.storage under `name`.
+    """Report this step to Ray Train with the checkpoint `state` and its `config` (rank 0)
+    or none (other ranks; every rank reports, as Ray requires), uploaded to run.storage
+    under `name`.
 
     The checkpoint is written to local disk first (`checkpoint_staging`), and Ray deletes
     that copy once it is uploaded. In the `background` (`uploads_in_background`) Ray
@@ -158,7 +159,7 @@ def report_checkpoint(
     staging.mkdir(parents=True, exist_ok=True)
     directory = tempfile.mkdtemp(prefix=f"{name}-", dir=staging)
     try:
-        storage.save_checkpoint(directory, state, cfg.to_dict())
+        storage.save_checkpoint(directory, state, config)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -441,6 +442,19 @@ def train_loop(loop_config: dict) -> None:
         loop_start = window_start  # the ETA counts evaluations and checkpoints too
         bad_skipped: dict[int, int] = {}  # reader (loader worker) -> its running count
         step = start_step
+        if found is not None and step >= cfg.optim.max_steps:
+            # A final checkpoint that Ray never recorded (the run ended between its upload
+            # and the record): nothing is left to train, so report it again, or the run's
+            # result would be an older checkpoint, or none (a traceback, the run FAILED).
+            evaluation = run_evaluation(core, cfg, device, rank, world_size)
+            metrics = _broadcast({"step": step, **evaluation.metrics}, rank)
+            uri, _, saved_config = found
+            name = checkpoint_name(step)
+            if rank == 0:
+                log.info("%s is complete but not in Ray's record: reporting it again", uri)
+                report_checkpoint(metrics, state, saved_config, storage_url, name, background)
+            else:
+                report_checkpoint(metrics, None, {}, storage_url, name, background)
         while step < cfg.optim.max_steps:
             batch = next(batches)
             record_consumed(next_samples, batch)
@@ -523,12 +537,12 @@ def train_loop(loop_config: dict) -> None:
                         "data": stream_at,
                         "mlflow_run_id": run_id,
                     }
-                    report_checkpoint(metrics, state, cfg, storage_url, name, background)
+                    report_checkpoint(metrics, state, cfg.to_dict(), storage_url, name, background)
                     if logger:
                         waited = time.perf_counter() - waited_from
                         logger.metrics({"checkpoint_wait_s": waited}, step)
                 else:
-                    report_checkpoint(metrics, None, cfg, storage_url, name, background)
+                    report_checkpoint(metrics, None, {}, storage_url, name, background)
     finally:
         # Also on an error (storage down, bad data): buffered results go to a spill file.
         if logger:

@@ -41,21 +41,18 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     # The pre-flight samples every 2nd image from the first, so this one is first met by
     # training, as a bad file deep in a large dataset would be: skipped and counted.
     (data / "train" / "images" / "img1.png").write_bytes(b"\x89PNG truncated")
-    result, proc = run_pipeline(
-        "train.py",
-        [
-            "--config",
-            str(TINY),
-            "data.dataset=folder",
-            f"data.root={data}",
-            "run.num_workers=2",
-            "run.cpus_per_worker=1",
-            "optim.grad_allreduce=bf16",
-            f"run.storage=s3://{bucket}/runs",
-            "run.name=e2e-s3",
-        ],
-        env,
-    )
+    train_args = [
+        "--config",
+        str(TINY),
+        "data.dataset=folder",
+        f"data.root={data}",
+        "run.num_workers=2",
+        "run.cpus_per_worker=1",
+        "optim.grad_allreduce=bf16",
+        f"run.storage=s3://{bucket}/runs",
+        "run.name=e2e-s3",
+    ]
+    result, proc = run_pipeline("train.py", train_args, env)
     assert "step 6/6" in proc.stderr  # progress lines reach the terminal
     assert "| [####################] 100% eta 0:00:00" in proc.stderr  # with their bar
     assert proc.stderr.count("DDP all-reduces gradients in bf16") == 1  # rank 0 says so
@@ -115,3 +112,18 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     # So does the probe, which rank 0 fitted and both ranks scored on their part of val.
     probe = evaluated["metrics"]["probe_miou"]
     assert probe == pytest.approx(result["metrics"]["probe_miou"], abs=1e-6)
+
+    # Ray's record lost its final checkpoint (the run ended between the upload and the
+    # record; here, the record deleted): a rerun trains nothing, reports that checkpoint
+    # again and gives the same result. It was a traceback that marked the run FAILED.
+    s3 = s3_server.client()
+    s3.delete_object(Bucket=bucket, Key="runs/e2e-s3/checkpoint_manager_snapshot.json")
+    again, rerun = run_pipeline("train.py", train_args, env)
+    assert "already finished at step 6" in rerun.stderr
+    assert f"{checkpoint} is complete but not in Ray's record: reporting it again" in rerun.stderr
+    assert again["checkpoint"] == checkpoint and again["mlflow_run_id"] == run.info.run_id
+    assert again["metrics"]["step"] == 6
+    assert again["metrics"]["miou"] == pytest.approx(result["metrics"]["miou"], abs=1e-6)
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    record = s3.get_object(Bucket=bucket, Key="runs/e2e-s3/checkpoint_manager_snapshot.json")
+    assert b"checkpoint_0000006" in record["Body"].read()
