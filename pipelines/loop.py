@@ -137,11 +137,10 @@ def uploads_in_background(cfg: Config, sweep_trial: bool) -> bool:
 
 
 def report_checkpoint(
-    metrics: dict, state: dict | None, config: dict, storage_url: str, name: str, background: bool
+    metrics: dict, state: dict | None, cfg: Config, storage_url: str, name: str, background: bool
 ) -> None:
-    """Report this step to Ray Train with the checkpoint `state` and its `config` (rank 0)
-    or none (other ranks; every rank reports, as Ray requires), uploaded to run.storage
-    under `name`.
+    """Report this step to Ray Train with the checkpoint `state` (rank 0) or none (other
+    ranks; every rank reports, as Ray requires), uploaded to run.storage under `name`.
 
     The checkpoint is written to local disk first (`checkpoint_staging`), and Ray deletes
     that copy once it is uploaded. In the `background` (`uploads_in_background`) Ray
@@ -159,7 +158,7 @@ def report_checkpoint(
     staging.mkdir(parents=True, exist_ok=True)
     directory = tempfile.mkdtemp(prefix=f"{name}-", dir=staging)
     try:
-        storage.save_checkpoint(directory, state, config)
+        storage.save_checkpoint(directory, state, cfg.to_dict())
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -170,6 +169,27 @@ def report_checkpoint(
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+
+
+def report_stored_checkpoint(metrics: dict, name: str, with_checkpoint: bool) -> None:
+    """Report `metrics` with the checkpoint already in run.storage under `name` (rank 0:
+    `with_checkpoint`) or none: Ray records it where it is, without copying it over
+    itself (a copy cut short would leave the run's only final checkpoint damaged)."""
+    import ray.train
+
+    checkpoint = None
+    if with_checkpoint:
+        # get_storage is Ray's DeveloperAPI: the run folder's filesystem, as Ray uploads to.
+        where = ray.train.get_context().get_storage()
+        checkpoint = ray.train.Checkpoint(
+            path=where.build_checkpoint_path_from_name(name), filesystem=where.storage_filesystem
+        )
+    ray.train.report(
+        metrics,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=name,
+        checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD,
+    )
 
 
 def fit_probe(
@@ -406,7 +426,12 @@ def train_loop(loop_config: dict) -> None:
     stream_args = {"seed": cfg.run.seed}
     if state is not None:
         stream_args, how = resume_stream(
-            state.get("data"), start_step, cfg.run.seed, world_size, cfg.data.loader_workers
+            state.get("data"),
+            start_step,
+            cfg.run.seed,
+            world_size,
+            cfg.data.loader_workers,
+            layout=getattr(source, "partition_layout", 1),
         )
         if rank == 0:
             log.info(how)
@@ -446,15 +471,14 @@ def train_loop(loop_config: dict) -> None:
             # A final checkpoint that Ray never recorded (the run ended between its upload
             # and the record): nothing is left to train, so report it again, or the run's
             # result would be an older checkpoint, or none (a traceback, the run FAILED).
-            evaluation = run_evaluation(core, cfg, device, rank, world_size)
-            metrics = _broadcast({"step": step, **evaluation.metrics}, rank)
-            uri, _, saved_config = found
-            name = checkpoint_name(step)
+            metrics = state.get("metrics")  # every rank loaded the same state
+            if metrics is None:  # checkpoints from before they kept their metrics
+                evaluation = run_evaluation(core, cfg, device, rank, world_size)
+                metrics = {"step": step, "loss": float("nan"), **evaluation.metrics}
+                metrics = _broadcast(metrics, rank)
             if rank == 0:
-                log.info("%s is complete but not in Ray's record: reporting it again", uri)
-                report_checkpoint(metrics, state, saved_config, storage_url, name, background)
-            else:
-                report_checkpoint(metrics, None, {}, storage_url, name, background)
+                log.info("%s is complete but not in Ray's record: reporting it again", found[0])
+            report_stored_checkpoint(metrics, checkpoint_name(step), with_checkpoint=rank == 0)
         while step < cfg.optim.max_steps:
             batch = next(batches)
             record_consumed(next_samples, batch)
@@ -508,6 +532,7 @@ def train_loop(loop_config: dict) -> None:
                     world_size * readers,
                     _merged_over_ranks(next_samples),
                     next_reader=(stream.first_worker + step - start_step) % readers,
+                    layout=getattr(source, "partition_layout", 1),
                 )
                 name = checkpoint_name(step)
                 uri = storage.join(storage_url, name)
@@ -536,13 +561,18 @@ def train_loop(loop_config: dict) -> None:
                         "rng": capture_rng(),
                         "data": stream_at,
                         "mlflow_run_id": run_id,
+                        # Reported again if Ray never records this checkpoint; plain numbers,
+                        # as weights_only loading takes no numpy scalars.
+                        "metrics": {
+                            k: v if type(v) is int else float(v) for k, v in metrics.items()
+                        },
                     }
-                    report_checkpoint(metrics, state, cfg.to_dict(), storage_url, name, background)
+                    report_checkpoint(metrics, state, cfg, storage_url, name, background)
                     if logger:
                         waited = time.perf_counter() - waited_from
                         logger.metrics({"checkpoint_wait_s": waited}, step)
                 else:
-                    report_checkpoint(metrics, None, {}, storage_url, name, background)
+                    report_checkpoint(metrics, None, cfg, storage_url, name, background)
     finally:
         # Also on an error (storage down, bad data): buffered results go to a spill file.
         if logger:

@@ -1273,6 +1273,21 @@ def test_a_stream_whose_layout_changed_starts_anew_and_says_why() -> None:
     )
     args, how = resume_stream(None, 12, seed=4, world_size=2, loader_workers=1)
     assert args == {"seed": 16} and how.endswith("the checkpoint has no stream position")
+    # Shards split into parts another way before (layout 1): positions saved then point
+    # elsewhere now, unless one part is all the data.
+    assert ShardDataset.partition_layout == 2
+    old = {k: v for k, v in saved.items() if k != "layout"}  # a checkpoint from before
+    args, how = resume_stream(old, 12, seed=4, world_size=1, loader_workers=2, layout=2)
+    assert args == {"seed": 16}
+    assert how.endswith("the checkpoint's stream split the data into its 2 parts another way")
+    args, how = resume_stream(old, 12, seed=4, world_size=2, loader_workers=0, layout=1)
+    assert args["start"] == {0: (1, 3), 1: (1, 2)}  # other sources: one layout all along
+    saved = stream_checkpoint(4, 2, {0: (1, 3), 1: (1, 2)}, next_reader=0, layout=2)
+    args, _ = resume_stream(saved, 12, seed=4, world_size=1, loader_workers=2, layout=2)
+    assert args["start"] == {0: (1, 3), 1: (1, 2)}
+    one = stream_checkpoint(4, 1, {0: (2, 5)}, next_reader=0)  # layout 1, one part
+    args, _ = resume_stream(one, 12, seed=4, world_size=1, loader_workers=0, layout=2)
+    assert args["start"] == {0: (2, 5)}
 
 
 def test_stream_dataset_shards_two_workers(tmp_path: Path) -> None:

@@ -118,12 +118,15 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     # again and gives the same result. It was a traceback that marked the run FAILED.
     s3 = s3_server.client()
     s3.delete_object(Bucket=bucket, Key="runs/e2e-s3/checkpoint_manager_snapshot.json")
+    files = s3.list_objects_v2(Bucket=bucket, Prefix="runs/e2e-s3/checkpoint_0000006/")
+    written = {o["Key"]: o["LastModified"] for o in files["Contents"]}
     again, rerun = run_pipeline("train.py", train_args, env)
     assert "already finished at step 6" in rerun.stderr
     assert f"{checkpoint} is complete but not in Ray's record: reporting it again" in rerun.stderr
-    assert again["checkpoint"] == checkpoint and again["mlflow_run_id"] == run.info.run_id
-    assert again["metrics"]["step"] == 6
-    assert again["metrics"]["miou"] == pytest.approx(result["metrics"]["miou"], abs=1e-6)
+    assert again == {**result, "metrics": again["metrics"]}
+    assert again["metrics"] == result["metrics"]  # as reported with it: loss and all
+    files = s3.list_objects_v2(Bucket=bucket, Prefix="runs/e2e-s3/checkpoint_0000006/")
+    assert {o["Key"]: o["LastModified"] for o in files["Contents"]} == written  # not copied
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     record = s3.get_object(Bucket=bucket, Key="runs/e2e-s3/checkpoint_manager_snapshot.json")
     assert b"checkpoint_0000006" in record["Body"].read()

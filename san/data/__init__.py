@@ -230,46 +230,62 @@ def record_consumed(next_samples: dict[int, tuple[int, int]], batch: dict) -> No
 
 
 def stream_checkpoint(
-    seed: int, n_parts: int, next_samples: dict[int, tuple[int, int]], next_reader: int
+    seed: int,
+    n_parts: int,
+    next_samples: dict[int, tuple[int, int]],
+    next_reader: int,
+    layout: int = 1,
 ) -> dict:
     """What a checkpoint keeps of the training stream: its seed, how many parts it had, each
-    part's (epoch, position of its next sample), and which of a rank's loader workers gives
+    part's (epoch, position of its next sample), which of a rank's loader workers gives
     the next batch (they take turns: `(first_worker + batches read) % loader workers` for a
-    stream started with `first_worker`), as `resume_stream` reads it back."""
+    stream started with `first_worker`), and how the source split itself into parts (its
+    `partition_layout`), as `resume_stream` reads it back."""
     return {
         "seed": seed,
         "n_parts": n_parts,
         "parts": dict(sorted(next_samples.items())),
         "next_reader": next_reader,
+        "layout": layout,
     }
 
 
 def resume_stream(
-    saved: dict | None, step: int, seed: int, world_size: int, loader_workers: int
+    saved: dict | None,
+    step: int,
+    seed: int,
+    world_size: int,
+    loader_workers: int,
+    layout: int = 1,
 ) -> tuple[dict, str]:
     """`StreamDataset` arguments (seed, start, first_worker) for a run resuming at `step`
     from a checkpoint's `stream_checkpoint` entry, and a line saying how its data goes on.
 
-    With as many parts as the checkpoint's stream had (world size x loader workers), the
-    run reads on exactly where it stopped. Otherwise (the layout changed, or a checkpoint
-    from before streams were saved) no sample position carries over: the run starts a new
+    With as many parts as the checkpoint's stream had (world size x loader workers), split
+    the same way (the source's `layout`; one part is the whole data in any layout), the run
+    reads on exactly where it stopped. Otherwise (the parts changed, or a checkpoint from
+    before streams were saved) no sample position carries over: the run starts a new
     stream, seeded by `seed + step` so that it is reproducible yet not the data of steps
     1.. again.
     """
     readers = max(1, loader_workers)
     n_parts = world_size * readers
-    if saved is not None and saved["n_parts"] == n_parts:
+    same_split = n_parts == 1 or (saved or {}).get("layout", 1) == layout
+    if saved is not None and saved["n_parts"] == n_parts and same_split:
         start = {int(p): (int(e), int(i)) for p, (e, i) in saved["parts"].items()}
         # Checkpoints from before "next_reader" was kept: right for a stream begun at step 0.
         first_worker = int(saved.get("next_reader", step % readers))
         args = {"seed": int(saved["seed"]), "start": start, "first_worker": first_worker}
         return args, f"data: the stream goes on where step {step} left it"
-    why = (
-        "the checkpoint has no stream position"
-        if saved is None
-        else f"the checkpoint's stream had {saved['n_parts']} parts, now {n_parts} "
-        f"({world_size} workers x {readers} loader workers)"
-    )
+    if saved is None:
+        why = "the checkpoint has no stream position"
+    elif saved["n_parts"] != n_parts:
+        why = (
+            f"the checkpoint's stream had {saved['n_parts']} parts, now {n_parts} "
+            f"({world_size} workers x {readers} loader workers)"
+        )
+    else:
+        why = f"the checkpoint's stream split the data into its {n_parts} parts another way"
     return {"seed": seed + step}, f"data: a new stream, seeded {seed + step}: {why}"
 
 

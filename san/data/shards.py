@@ -304,6 +304,10 @@ class ShardDataset(ForkSafeFilesystem):
     epochs_follow = False
     # ((process id, the epoch's iter_partition arguments, its first shard), that shard's fetch).
     _ahead: tuple[tuple, Future] | None = None
+    # How `_part_slices` splits the data into parts, saved with a training stream's position
+    # (`stream_checkpoint`): 2, equal stretches of the epoch's rows; 1 (before), whole
+    # shards per part or every n-th row. Other sources split one way only (1).
+    partition_layout = 2
     # Whether this reader has looked for dictionary pages (`_check_page_layout`).
     _layout_checked = False
 
