@@ -149,16 +149,25 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides",
         nargs="*",
-        help="dotted overrides, e.g. model.n_clusters=27 optim.lr=3e-4; a relative data.root "
-        "or run.storage is relative to the project root, wherever the command runs (workers "
+        help="dotted overrides, e.g. model.n_clusters=27 optim.lr=3e-4; a relative data.root, "
+        "data.shard_cache or run.storage is relative to the project root, wherever the "
+        "command runs (workers "
         "run elsewhere), while --config is relative to the current directory",
     )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, args.overrides)
-    if cfg.data.root:  # workers may run in another directory: relative roots -> project root
+    return resolve_local_paths(load_config(args.config, args.overrides))
+
+
+def resolve_local_paths(cfg: Config) -> Config:
+    """Relative data.root and data.shard_cache -> under the project root (`resolve_storage`):
+    workers run in another directory (Ray's session folder), where a relative cache would
+    be a new, empty one for every job."""
+    if cfg.data.root:
         cfg.data.root = resolve_storage(cfg.data.root)
+    if cfg.data.shard_cache:
+        cfg.data.shard_cache = resolve_storage(cfg.data.shard_cache)
     return cfg
 
 

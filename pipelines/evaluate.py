@@ -106,8 +106,11 @@ def check_registry_names(name: str, alias: str) -> None:
     """MLflow's rules for a registered model's name and a version alias, checked before the
     evaluation: the registry refused them only after it, leaving a new version without
     its alias behind at every try."""
-    if not name.strip() or "/" in name or ":" in name:
-        raise UserError(f"--register {name!r}: a model name must be non-empty, without '/' or ':'")
+    if not name.strip() or "/" in name or ":" in name or name == "." or name.startswith(".."):
+        raise UserError(
+            f"--register {name!r}: a model name must be non-empty, without '/' or ':', and "
+            "neither '.' nor starting with '..'"
+        )
     if (
         not re.fullmatch(r"[\w\-]{1,255}", alias)
         or alias.lower() == "latest"

@@ -254,11 +254,11 @@ def _candidates(param: Param) -> list[tuple[str, dict[str, Any], str]]:
 
 
 def check_against_config(space: Space, values: dict[str, Any], context: str = "") -> None:
-    """Every candidate value must make a valid config on top of `values` (nested dict);
-    `context` says in the error what else `values` holds."""
-    for entry, overrides, hint in [("config", space.config, "")] + [
-        c for p in space.params for c in _candidates(p)
-    ]:
+    """Every candidate value must make a valid config on top of `values` (nested dict),
+    which holds the space's fixed `config` already where `context` (what else `values`
+    holds, for the error) is given: the command line's overrides, which win over it."""
+    fixed = [] if context else [("config", space.config, "")]
+    for entry, overrides, hint in fixed + [c for p in space.params for c in _candidates(p)]:
         try:
             from_dict(apply_values(values, overrides))
         except ConfigError as exc:

@@ -40,6 +40,7 @@ from pipelines.common import (  # noqa: E402
     init_ray,
     on_local_ray,
     print_result,
+    resolve_local_paths,
     resolve_storage,
     run_main,
     setup_logging,
@@ -70,7 +71,7 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
     base = load_config(path or CONFIG_DIR / "default.yaml")
     values = apply_values(base.to_dict(), space.config)
     check_against_config(space, values)  # the space's own entries, one line on failure
-    cfg = from_dict(apply_overrides(values, overrides))
+    cfg = resolve_local_paths(from_dict(apply_overrides(values, overrides)))
     if overrides:  # trials sample on top of them: what the space allows, they may not
         check_against_config(space, cfg.to_dict(), f" (with {' '.join(overrides)})")
     check_metric(space, cfg)

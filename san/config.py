@@ -108,9 +108,9 @@ class DataConfig:
     # is fetched once, checked against its manifest sha256 and kept under that checksum,
     # so later epochs and restarts read local disk, not the network. It grows to the
     # dataset's shard bytes and is never pruned; delete it when done. An entry that no
-    # longer opens (truncated by a full disk) is fetched again. Empty: read remote shards
-    # every epoch (each fetch checked against the manifest too). Local shards are never
-    # copied.
+    # longer opens (truncated by a full disk) is fetched again. A relative path is under the
+    # project root, ~ the home directory. Empty: read remote shards every epoch (each fetch
+    # checked against the manifest too). Local shards are never copied.
     shard_cache: str = ""
     # Bad (corrupt, mis-sized) samples met while streaming are skipped with a warning
     # naming each; past this many per reading process the run stops with an error.

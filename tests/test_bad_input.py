@@ -338,6 +338,30 @@ def test_storage_under_home_is_expanded(monkeypatch, tmp_path):
     assert resolve_storage("s3://bucket/runs") == "s3://bucket/runs"
 
 
+def test_local_data_paths_resolve_as_the_workers_need_them(monkeypatch, tmp_path):
+    """train.py and tune.py give workers (which run in Ray's session folder) the project
+    root's data.root and data.shard_cache: a relative cache was a new one every job."""
+    import argparse
+
+    from pipelines.common import config_from_args
+    from pipelines.spaces import load_space
+    from pipelines.tune import sweep_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    overrides = ["data.root=s3://bucket/shards", "data.shard_cache=cache/shards"]
+    cfg = config_from_args(argparse.Namespace(config=str(TINY), overrides=overrides))
+    assert (cfg.data.root, cfg.data.shard_cache) == (
+        "s3://bucket/shards",
+        str(ROOT / "cache/shards"),
+    )
+    space = tmp_path / "space.yaml"
+    space.write_text(f"base_config: {TINY}\nparams: {{model.tau: {{choice: [0.1, 0.2]}}}}")
+    overrides = ["data.root=../shared/data/camvid", "data.shard_cache=~/cache"]
+    cfg = sweep_config(load_space(space), None, overrides)
+    assert cfg.data.root == str((ROOT / "../shared/data/camvid").resolve())
+    assert cfg.data.shard_cache == str(tmp_path / "cache")
+
+
 def test_missing_bucket(clean_env, s3_server, monkeypatch, capsys):
     for name, value in s3_server.env.items():
         monkeypatch.setenv(name, value)
@@ -569,6 +593,7 @@ def test_evaluate_alias_without_register(clean_env, good_checkpoint, monkeypatch
         ("san", "Latest", "--alias 'Latest': an alias is letters"),
         ("san", "prod.1", "--alias 'prod.1': an alias is letters"),
         ("team/seg", "best", "--register 'team/seg': a model name must be"),
+        ("..seg", "best", "--register '..seg': a model name must be"),
     ],
 )
 def test_evaluate_refuses_registry_names_before_evaluating(
