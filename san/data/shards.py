@@ -95,6 +95,8 @@ IMAGE_ENCODINGS = ("source", "raw")
 LABEL_ENCODINGS = ("png", "raw")
 # Rows per Parquet row group: the unit a reader holds in memory at once.
 ROW_GROUP = 64
+# Dataset roots this process has looked for dictionary pages (`_check_page_layout`).
+_PAGE_LAYOUT_CHECKED: set[str] = set()
 
 
 def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
@@ -308,8 +310,6 @@ class ShardDataset(ForkSafeFilesystem):
     # (`stream_checkpoint`): 2, equal stretches of the epoch's rows; 1 (before), whole
     # shards per part or every n-th row. Other sources split one way only (1).
     partition_layout = 2
-    # Whether this reader has looked for dictionary pages (`_check_page_layout`).
-    _layout_checked = False
 
     def __init__(self, url: str, split: str, cache_dir: str = "") -> None:
         """`cache_dir`: local directory for verified copies of remote shards ("" reads
@@ -600,12 +600,13 @@ class ShardDataset(ForkSafeFilesystem):
             position += end_row - first_row
 
     def _check_page_layout(self, pf: pq.ParquetFile) -> None:
-        """Warn, once per reader, about shards whose images sit in a dictionary page (as
-        `write_shards` wrote them before `_table_bytes` turned dictionaries off): they
-        still read, but each image is copied twice, and rewriting them is the cure."""
-        if self._layout_checked or pf.metadata.num_row_groups == 0:
+        """Warn, once per process and dataset, about shards whose images sit in a dictionary
+        page (as `write_shards` wrote them before `_table_bytes` turned dictionaries off):
+        they still read, but each image is copied twice, and rewriting them is the cure.
+        Once per dataset, not per reader: every evaluation makes its own readers."""
+        if self.root in _PAGE_LAYOUT_CHECKED or pf.metadata.num_row_groups == 0:
             return
-        self._layout_checked = True
+        _PAGE_LAYOUT_CHECKED.add(self.root)
         image = pf.metadata.row_group(0).column(pf.schema_arrow.get_field_index("image"))
         if image.has_dictionary_page:
             log.warning(
