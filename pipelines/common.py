@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -281,9 +282,22 @@ def check_services(cfg: Config) -> None:
 
 
 def print_result(result: dict[str, Any]) -> None:
-    """The last stdout line is one JSON object, for scripts and tests."""
+    """The last stdout line is one JSON object, for scripts and tests: a NaN or infinite
+    number is null there (JSON has none; json.dumps wrote NaN, which strict parsers and
+    jq refuse)."""
     sys.stdout.flush()
-    print(json.dumps(result, default=float), flush=True)
+    print(json.dumps(_finite(result), default=float), flush=True)
+
+
+def _finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (in dicts and lists) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def run_main(main) -> None:

@@ -392,6 +392,7 @@ def train_loop(loop_config: dict) -> None:
     # Looked for first, so Ray's older one is downloaded only when it is the one used.
     newer_than = os.path.basename(registered.path.rstrip("/")) if registered else ""
     found = storage.latest_complete_checkpoint(storage_url, newer_than=newer_than)
+    unrecorded = found  # (uri, state, config) of a checkpoint Ray has no record of
     if found is not None:
         state = found[1]
         if rank == 0:
@@ -467,7 +468,7 @@ def train_loop(loop_config: dict) -> None:
         loop_start = window_start  # the ETA counts evaluations and checkpoints too
         bad_skipped: dict[int, int] = {}  # reader (loader worker) -> its running count
         step = start_step
-        if found is not None and step >= cfg.optim.max_steps:
+        if unrecorded is not None and step >= cfg.optim.max_steps:
             # A final checkpoint that Ray never recorded (the run ended between its upload
             # and the record): nothing is left to train, so report it again, or the run's
             # result would be an older checkpoint, or none (a traceback, the run FAILED).
@@ -476,9 +477,11 @@ def train_loop(loop_config: dict) -> None:
                 evaluation = run_evaluation(core, cfg, device, rank, world_size)
                 metrics = {"step": step, "loss": float("nan"), **evaluation.metrics}
                 metrics = _broadcast(metrics, rank)
+            uri = unrecorded[0]
             if rank == 0:
-                log.info("%s is complete but not in Ray's record: reporting it again", found[0])
-            report_stored_checkpoint(metrics, checkpoint_name(step), with_checkpoint=rank == 0)
+                log.info("%s is complete but not in Ray's record: reporting it again", uri)
+            name = os.path.basename(uri.rstrip("/"))  # the folder found, whatever its step
+            report_stored_checkpoint(metrics, name, with_checkpoint=rank == 0)
         while step < cfg.optim.max_steps:
             batch = next(batches)
             record_consumed(next_samples, batch)

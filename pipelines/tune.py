@@ -70,9 +70,10 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
     path = config_path or (str(ROOT / space.base_config) if space.base_config else None)
     base = load_config(path or CONFIG_DIR / "default.yaml")
     values = apply_values(base.to_dict(), space.config)
-    check_against_config(space, values)  # the space's own entries, one line on failure
+    if not overrides:
+        check_against_config(space, values)  # the space's own entries, one line on failure
     cfg = resolve_local_paths(from_dict(apply_overrides(values, overrides)))
-    if overrides:  # trials sample on top of them: what the space allows, they may not
+    if overrides:  # they win over the space's config; trials sample the params on top
         check_against_config(space, cfg.to_dict(), f" (with {' '.join(overrides)})")
     check_metric(space, cfg)
     check_models(space, cfg)

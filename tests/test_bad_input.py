@@ -338,6 +338,22 @@ def test_storage_under_home_is_expanded(monkeypatch, tmp_path):
     assert resolve_storage("s3://bucket/runs") == "s3://bucket/runs"
 
 
+def test_the_result_line_is_strict_json(capsys):
+    """A NaN metric (a checkpoint re-reported without its loss) was written as NaN, which
+    is not JSON: jq and JSON.parse refused the line scripts read."""
+    import json
+
+    import numpy as np
+
+    from pipelines.common import print_result
+
+    print_result({"metrics": {"loss": float("nan"), "miou": np.float64(0.5), "n": [float("inf")]}})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in {line}")) == {
+        "metrics": {"loss": None, "miou": 0.5, "n": [None]}
+    }
+
+
 def test_local_data_paths_resolve_as_the_workers_need_them(monkeypatch, tmp_path):
     """train.py and tune.py give workers (which run in Ray's session folder) the project
     root's data.root and data.shard_cache: a relative cache was a new one every job."""

@@ -133,13 +133,13 @@ def test_command_line_overrides_are_checked_with_the_space(tmp_path: Path) -> No
     message = str(info.value)
     assert "entry 'params.loss.w_mi'" in message and "(with model.name=iic)" in message
     assert "\n" not in message
-    # An override of a key the space fixes wins, in the check as in the trials: 48 px
-    # images in 12 px patches, where the space's 64 px would not divide.
-    space_path.write_text(space_path.read_text() + "\nconfig: {data.image_size: 64}")
-    cfg = sweep_config(
-        load_space(space_path), None, ["data.image_size=48", "model.vit_patch_size=12"]
-    )
-    assert (cfg.data.image_size, cfg.model.vit_patch_size) == (48, 12)
+    # An override of a key the space fixes wins, in the check as in the trials: the
+    # space's 60 px images do not divide into tiny.yaml's 8 px patches, the override's 48 do.
+    space_path.write_text(space_path.read_text() + "\nconfig: {data.image_size: 60}")
+    with pytest.raises(SpaceError, match="entry 'config': data.image_size=60 must be"):
+        sweep_config(load_space(space_path), None, [])
+    cfg = sweep_config(load_space(space_path), None, ["data.image_size=48"])
+    assert (cfg.data.image_size, cfg.model.vit_patch_size) == (48, 8)
 
 
 def test_a_config_given_as_space_is_named_as_such() -> None:
