@@ -10,6 +10,7 @@ objects. The file format:
     mode: max
     search: {algorithm: random, num_samples: 4, max_concurrent: 2, seed: 0}  # or optuna
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}            # or none
+                                               # grace_period: evaluations before a stop
     resources: {trial_cpus: 1}                 # CPUs of each trial's driver
     params:
       model.tau: {loguniform: [0.05, 0.5]}     # choice|uniform|loguniform|randint|grid

@@ -5,7 +5,7 @@
     ray job submit --working-dir . -- python pipelines/tune.py --space tune_spaces/san_paper.yaml
 
 Each trial runs the same `TorchTrainer` as `pipelines/train.py` (built by `build_trainer`)
-inside a Tune function trainable; `TuneReportCallback` forwards every evaluation report
+inside a Tune function trainable; `SweepReportCallback` forwards every evaluation report
 (Hungarian mIoU on the validation split) to Tune so ASHA can stop weak trials early.
 The sweep lives under <run.storage>/<space>-<run.name> (local or s3://); `--resume`
 continues it there, keeping finished trials. The last stdout line is one JSON object:
@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler  # noqa: E402
 
 from pipelines.common import (  # noqa: E402
@@ -106,7 +107,6 @@ def trial_storage(storage: str, name: str) -> str:
 def run_trial(sampled: dict, sweep: dict) -> None:
     """One Tune trial: a Ray Train run of pipelines/loop.py, nested under the sweep's run."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines import tracking
     from pipelines.train import build_trainer
@@ -133,7 +133,7 @@ def run_trial(sampled: dict, sweep: dict) -> None:
         if "." not in key:
             mlflow_client.set_tag(run_id, f"san.group.{key}", str(value))
     trainer = build_trainer(
-        cfg, storage, run_id, callbacks=[TuneReportCallback()], sweep_trial=True
+        cfg, storage, run_id, callbacks=[SweepReportCallback(space.metric)], sweep_trial=True
     )
 
     def stopped_early() -> bool:
@@ -172,6 +172,21 @@ def finished_trial_result(cfg: Config, storage: str) -> dict[str, Any] | None:
     if not is_complete_checkpoint(checkpoint):
         return None
     return {**run.data.metrics, "step": step, "checkpoint_path": checkpoint}
+
+
+class SweepReportCallback(TuneReportCallback):
+    """Forwards each evaluation report to Tune, with the sweep's metric as NaN where the
+    report has none: an iou/<class> metric whose class is absent from the evaluated images
+    (neither labelled nor predicted). Tune fails the whole sweep at a report without its
+    metric; ASHA and the summary pass NaN over."""
+
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        filled = [{self.metric: float("nan"), **m} for m in metrics]
+        super().after_report(run_context, filled, checkpoint)
 
 
 class RecordingASHA(ASHAScheduler):
@@ -231,23 +246,33 @@ def tune_param_space(space: Space) -> dict[str, Any]:
     return out
 
 
+def build_scheduler(space: Space, cfg: Config, sweep: dict):
+    """ASHA with its rungs in training steps; `grace_period` counts evaluations, one every
+    `run.checkpoint_every` steps.
+
+    Not in Tune's `training_iteration`: a trial that goes on from a checkpoint (after
+    `--resume`) starts counting iterations at 1 again, and would be compared at the first
+    rung with other trials' first evaluations."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    if space.scheduler != "asha":
+        return FIFOScheduler()
+    grace_steps = space.grace_period * cfg.run.checkpoint_every
+    return RecordingASHA(
+        sweep,
+        time_attr="step",
+        max_t=max(cfg.optim.max_steps, grace_steps),
+        grace_period=grace_steps,
+        reduction_factor=space.reduction_factor,
+    )
+
+
 def build_tuner(space: Space, cfg: Config, storage: str, sweep: dict, num_samples: int):
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
 
     from san.storage import pyarrow_filesystem
 
-    n_reports = math.ceil(cfg.optim.max_steps / cfg.run.checkpoint_every)
-    if space.scheduler == "asha":
-        scheduler = RecordingASHA(
-            sweep,
-            time_attr="training_iteration",
-            max_t=max(n_reports, space.grace_period),
-            grace_period=space.grace_period,
-            reduction_factor=space.reduction_factor,
-        )
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = build_scheduler(space, cfg, sweep)
     if space.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 

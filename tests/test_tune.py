@@ -137,6 +137,60 @@ def test_a_resumed_sweep_keeps_its_sample_count(tmp_path: Path, monkeypatch) -> 
     assert sweep_num_samples(space, elsewhere, storage, 3, True) == 3
 
 
+def test_asha_compares_a_resumed_trial_at_the_rung_of_its_step(tmp_path: Path, monkeypatch):
+    """After --resume a trial goes on from its checkpoint, but Tune counts its reports from
+    1 again: ASHA must place its results by training step, with the other trials' results
+    at that step, not with their first evaluations."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipelines.spaces import load_space
+    from pipelines.tune import build_scheduler, sweep_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    space = load_space(ROOT / "tune_spaces" / "quick.yaml")  # an evaluation every 2 steps
+    cfg = sweep_config(space, None, [])
+    sweep = {"space": space, "base": cfg.to_dict(), "name": "rungs", "storage": str(tmp_path)}
+    asha = build_scheduler(space, cfg, sweep)
+    asha.set_search_properties(space.metric, space.mode)
+    sampled = {p.key: p.values[0] if p.values else p.low for p in space.params}
+    fresh, resumed, late = (
+        SimpleNamespace(trial_id=name, config=sampled) for name in ("fresh", "resumed", "late")
+    )
+    for trial in (fresh, resumed, late):
+        asha.on_trial_add(None, trial)
+
+    def report(trial, step: int, iteration: int, value: float) -> str:
+        result = {"step": step, "training_iteration": iteration, space.metric: value}
+        return asha.on_trial_result(None, trial, result)
+
+    assert report(fresh, 2, 1, 0.9) == TrialScheduler.CONTINUE
+    assert report(fresh, 4, 2, 0.1) == TrialScheduler.CONTINUE
+    # Resumed at step 4, its first report is at step 6: better than the step-4 rung (0.1),
+    # worse than the step-2 rung (0.9), which it has passed.
+    assert report(resumed, 6, 1, 0.5) == TrialScheduler.CONTINUE
+    assert report(late, 2, 1, 0.5) == TrialScheduler.STOP  # a first evaluation below 0.9
+
+
+def test_a_report_without_the_sweeps_class_metric_reaches_tune_as_nan() -> None:
+    """A sweep on iou/<class>: an evaluation where that class is absent reports no IoU for
+    it, and Tune fails the whole sweep at a report without its metric."""
+    import math
+    import queue
+
+    from pipelines.tune import SweepReportCallback
+
+    callback = SweepReportCallback.__new__(SweepReportCallback)  # outside a Tune session:
+    callback._training_actor_item_queue = queue.Queue()  # what Tune would read, by hand
+    callback.metric = "iou/sky"
+    callback.after_report(None, [{"step": 2, "miou": 0.3}], None)
+    callback.after_report(None, [{"step": 4, "miou": 0.4, "iou/sky": 0.7}], None)
+    absent, present = callback._training_actor_item_queue.queue
+    assert absent["step"] == 2 and absent["miou"] == 0.3 and math.isnan(absent["iou/sky"])
+    assert present == {"step": 4, "miou": 0.4, "iou/sky": 0.7}
+
+
 def test_sweep_trials_wait_for_checkpoint_uploads() -> None:
     """run.checkpoint_upload=auto: a training run uploads in the background, a sweep's trial
     waits, as Ray Train passes a checkpoint's metrics to the scheduler only once uploaded
