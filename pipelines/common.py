@@ -195,9 +195,11 @@ def tracking_uri() -> str:
 
 def resolve_storage(url: str) -> str:
     """Relative local storage paths are relative to the project root, as absolute paths;
-    ~ is the user's home (an override like run.storage=~/runs reaches us unexpanded)."""
+    ~ is the user's home (an override like run.storage=~/runs reaches us unexpanded). One
+    place has one spelling, without a trailing "/": MLflow runs are found by it."""
     if "://" in url:
-        return url
+        scheme, path = url.split("://", 1)
+        return f"{scheme}://{path.rstrip('/')}" if path.strip("/") else url
     path = Path(url).expanduser()
     return str(path if path.is_absolute() else (ROOT / path).resolve())
 
@@ -236,6 +238,9 @@ def check_local_gpus(run: Any, gpus: float) -> None:
         )
 
 
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster when there is one (RAY_ADDRESS, `ray job submit`), else start locally."""
     import ray
@@ -261,6 +266,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         probe.bind(("127.0.0.1", 0))
         dashboard_port = probe.getsockname()[1]
     env_vars["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    # Nothing drains (preempts) the node of a local Ray, so Train's preemption watcher, an
+    # actor per worker group, only costs a process start per run (1-2 s on a 2-core laptop)
+    # and an error line from Ray about its constructor arguments.
+    env_vars[PREEMPTION_WATCHER] = os.environ.get(PREEMPTION_WATCHER, "0")
     ray.init(num_cpus=num_cpus, runtime_env=runtime_env, dashboard_port=dashboard_port)
 
 

@@ -336,6 +336,10 @@ def test_storage_under_home_is_expanded(monkeypatch, tmp_path):
     assert resolve_storage("~/runs") == str(tmp_path / "runs")  # was <project>/~/runs
     assert resolve_storage("runs") == str(ROOT / "runs")
     assert resolve_storage("s3://bucket/runs") == "s3://bucket/runs"
+    # One place, one spelling: runs are found by it, and a trailing "/" made a second run.
+    assert resolve_storage("s3://bucket/runs/") == "s3://bucket/runs"
+    assert resolve_storage("s3://bucket/") == "s3://bucket"
+    assert resolve_storage(str(tmp_path / "runs") + "/") == str(tmp_path / "runs")
 
 
 def test_the_result_line_is_strict_json(capsys):

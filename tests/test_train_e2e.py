@@ -56,6 +56,7 @@ def test_train_on_s3_with_mlflow_server_then_evaluate(s3_server, mlflow_server, 
     assert "step 6/6" in proc.stderr  # progress lines reach the terminal
     assert "| [####################] 100% eta 0:00:00" in proc.stderr  # with their bar
     assert proc.stderr.count("DDP all-reduces gradients in bf16") == 1  # rank 0 says so
+    assert "PreemptionWatcher" not in proc.stderr  # a local Ray runs no preemption watcher
     assert "skipped bad sample 1 of at most 100: image 'img1' could not be decoded" in proc.stderr
     checkpoint = result["checkpoint"]
     assert checkpoint == f"s3://{bucket}/runs/e2e-s3/checkpoint_0000006"
