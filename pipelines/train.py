@@ -165,7 +165,8 @@ RAY_CHECKPOINT_RECORD = "checkpoint_manager_snapshot.json"
 def check_ray_record(cfg: Config, storage: str, newest: tuple[str, dict] | None) -> None:
     """Ray refuses to resume a run whose record names a checkpoint that is gone (deleted to
     go back to an earlier one, or lost), in a traceback that says to delete the whole run
-    folder. Say it in one line, with the fix that keeps the other checkpoints."""
+    folder. Say it in one line, with the fix that keeps the other checkpoints; the same for
+    one whose files are damaged, when Ray deletes old checkpoints (run.keep_checkpoints)."""
     from san import storage as st
 
     run_dir = st.join(storage, cfg.run.name)
@@ -177,13 +178,27 @@ def check_ray_record(cfg: Config, storage: str, newest: tuple[str, dict] | None)
         names = [r["checkpoint_dir_name"] for r in results]
     except (ValueError, KeyError, TypeError, AttributeError):
         return  # another Ray version's format: left to Ray
+    left = f"from {newest[0]}" if newest else "from step 0: no complete checkpoint is left"
     gone = [name for name in names if not st.exists(st.join(run_dir, name))]
     if gone:
-        left = f"from {newest[0]}" if newest else "from step 0: no complete checkpoint is left"
         raise UserError(
             f"run {cfg.run.name!r} cannot resume: Ray's record {record} names "
             f"{', '.join(gone)}, no longer in storage; put {'it' if len(gone) == 1 else 'them'} "
             f"back, or delete that record to resume {left}"
+        )
+    keep = cfg.run.keep_checkpoints
+    damaged = (
+        [] if keep == 0 else [n for n in names if not st.is_written_checkpoint(st.join(run_dir, n))]
+    )
+    if damaged:
+        # The workers would go on from the complete checkpoint before it and save under its
+        # name again: Ray's record would hold two entries for one folder, and evicting the
+        # stale one deletes the folder the new checkpoint is in.
+        them = "it" if len(damaged) == 1 else "them"
+        raise UserError(
+            f"run {cfg.run.name!r} cannot resume with run.keep_checkpoints={keep}: Ray's record "
+            f"{record} names {', '.join(damaged)}, whose files are cut short or missing; delete "
+            f"{them} and that record to resume {left}"
         )
 
 

@@ -540,6 +540,44 @@ def test_a_checkpoint_gone_from_rays_record_is_one_line(good_checkpoint, tmp_pat
     train.check_ray_record(cfg, str(tmp_path), newest)  # all there: nothing to say
 
 
+def test_a_damaged_checkpoint_in_rays_record_is_refused_when_ray_deletes_old_ones(
+    good_checkpoint, tmp_path
+):
+    """Going on from the checkpoint before a damaged one saves under the damaged one's name
+    again: Ray's record then has two entries for one folder, and with keep_checkpoints > 0
+    evicting the stale one deletes the new checkpoint."""
+    import json
+    import shutil
+
+    from pipelines import train
+    from pipelines.common import UserError
+    from san.config import load_config
+    from san.storage import STATE_FILE
+
+    run_dir = tmp_path / "cut"
+    shutil.copytree(good_checkpoint, run_dir / good_checkpoint.name)
+    damaged = run_dir / "checkpoint_0000010"
+    shutil.copytree(good_checkpoint, damaged)
+    (damaged / STATE_FILE).write_bytes((damaged / STATE_FILE).read_bytes()[:1000])
+    record = run_dir / train.RAY_CHECKPOINT_RECORD
+    names = [good_checkpoint.name, damaged.name]
+    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
+    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}))
+    cfg = load_config(TINY, ["run.name=cut", "run.keep_checkpoints=2"])
+    newest = train.newest_saved_checkpoint(cfg, str(tmp_path))
+    assert newest[0] == str(run_dir / good_checkpoint.name)
+    with pytest.raises(UserError) as caught:
+        train.check_ray_record(cfg, str(tmp_path), newest)
+    assert str(caught.value) == (
+        f"run 'cut' cannot resume with run.keep_checkpoints=2: Ray's record {record} names "
+        f"checkpoint_0000010, whose files are cut short or missing; delete it and that record "
+        f"to resume from {run_dir / good_checkpoint.name}"
+    )
+    assert damaged.is_dir() and record.is_file()  # nothing deleted for the user
+    keep_all = load_config(TINY, ["run.name=cut", "run.keep_checkpoints=0"])
+    train.check_ray_record(keep_all, str(tmp_path), newest)  # nothing is ever deleted
+
+
 def _not_san(path: Path) -> str:
     path.mkdir()
     (path / "model.bin").write_bytes(b"weights")
