@@ -512,9 +512,20 @@ def test_rerunning_a_finished_run_says_so_and_names_settings_that_differ(
     assert train.newest_saved_checkpoint(load_config(TINY, ["run.name=new"]), storage) is None
 
 
+def write_ray_record(run_dir: Path, names: list[str]) -> Path:
+    """Ray Train's record of a run's checkpoints (as 2.60 writes it), naming `names`."""
+    import json
+
+    from pipelines import train
+
+    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
+    record = run_dir / train.RAY_CHECKPOINT_RECORD
+    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}))
+    return record
+
+
 def test_a_checkpoint_gone_from_rays_record_is_one_line(good_checkpoint, tmp_path):
     """Ray refused such a run folder in a traceback saying to delete the whole folder."""
-    import json
     import shutil
 
     from pipelines import train
@@ -523,10 +534,8 @@ def test_a_checkpoint_gone_from_rays_record_is_one_line(good_checkpoint, tmp_pat
 
     run_dir = tmp_path / "went-back"
     shutil.copytree(good_checkpoint, run_dir / good_checkpoint.name)
-    record = run_dir / train.RAY_CHECKPOINT_RECORD
-    names = [good_checkpoint.name, "checkpoint_0000010"]  # the user deleted the newer one
-    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
-    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}))
+    # The user deleted the newer one.
+    record = write_ray_record(run_dir, [good_checkpoint.name, "checkpoint_0000010"])
     cfg = load_config(TINY, ["run.name=went-back"])
     newest = train.newest_saved_checkpoint(cfg, str(tmp_path))
     with pytest.raises(UserError) as caught:
@@ -536,7 +545,7 @@ def test_a_checkpoint_gone_from_rays_record_is_one_line(good_checkpoint, tmp_pat
         f"longer in storage; put it back, or delete that record to resume from "
         f"{run_dir / good_checkpoint.name}"
     )
-    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results[:1]}))
+    write_ray_record(run_dir, [good_checkpoint.name])
     train.check_ray_record(cfg, str(tmp_path), newest)  # all there: nothing to say
 
 
@@ -546,7 +555,6 @@ def test_a_damaged_checkpoint_in_rays_record_is_refused_when_ray_deletes_old_one
     """Going on from the checkpoint before a damaged one saves under the damaged one's name
     again: Ray's record then has two entries for one folder, and with keep_checkpoints > 0
     evicting the stale one deletes the new checkpoint."""
-    import json
     import shutil
 
     from pipelines import train
@@ -559,10 +567,7 @@ def test_a_damaged_checkpoint_in_rays_record_is_refused_when_ray_deletes_old_one
     damaged = run_dir / "checkpoint_0000010"
     shutil.copytree(good_checkpoint, damaged)
     (damaged / STATE_FILE).write_bytes((damaged / STATE_FILE).read_bytes()[:1000])
-    record = run_dir / train.RAY_CHECKPOINT_RECORD
-    names = [good_checkpoint.name, damaged.name]
-    results = [{"checkpoint_dir_name": name, "metrics": {}} for name in names]
-    record.write_text(json.dumps({"ray_version": "2.60.0", "checkpoint_results": results}))
+    record = write_ray_record(run_dir, [good_checkpoint.name, damaged.name])
     cfg = load_config(TINY, ["run.name=cut", "run.keep_checkpoints=2"])
     newest = train.newest_saved_checkpoint(cfg, str(tmp_path))
     assert newest[0] == str(run_dir / good_checkpoint.name)
