@@ -391,12 +391,13 @@ def train_loop(loop_config: dict) -> None:
     # after an upload and before Ray recorded it. Resuming from it loses no finished work.
     # Looked for first, so Ray's older one is downloaded only when it is the one used.
     newer_than = os.path.basename(registered.path.rstrip("/")) if registered else ""
-    found = storage.latest_complete_checkpoint(storage_url, newer_than=newer_than)
-    unrecorded = found  # (uri, state, config) of a checkpoint Ray has no record of
-    if found is not None:
-        state = found[1]
+    # (uri, state, config) of a checkpoint Ray has no record of.
+    unrecorded = storage.latest_complete_checkpoint(storage_url, newer_than=newer_than)
+    if unrecorded is not None:
+        state = unrecorded[1]
         if rank == 0:
-            log.info("using %s from storage: newer than any checkpoint Ray registered", found[0])
+            uri = unrecorded[0]
+            log.info("using %s from storage: newer than any checkpoint Ray registered", uri)
     elif registered is not None:
         # Read in place, as the search above does, not through Ray's as_directory: that
         # copies it to local disk first, and leaves a folder in /tmp when the copy fails.
@@ -406,10 +407,10 @@ def train_loop(loop_config: dict) -> None:
         except storage.CheckpointError as exc:
             # Deleted or damaged since Ray registered it (say, a user removed a checkpoint
             # to go back to the one before): go on from the newest complete one left.
-            found = storage.latest_complete_checkpoint(storage_url)
-            state = found[1] if found else None
+            fallback = storage.latest_complete_checkpoint(storage_url)
+            state = fallback[1] if fallback else None
             if rank == 0:
-                instead = f"resuming from {found[0]}" if found else "starting from step 0"
+                instead = f"resuming from {fallback[0]}" if fallback else "starting from step 0"
                 log.warning("%s; %s instead", exc, instead)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -424,6 +425,7 @@ def train_loop(loop_config: dict) -> None:
 
     source = create_dataset(cfg.data, cfg.data.train_split)
     source.on_bad = SkipBad(cfg.data.max_bad_samples)  # a corrupt file must not end a long run
+    layout = getattr(source, "partition_layout", 1)  # how a stream position maps to rows
     stream_args = {"seed": cfg.run.seed}
     if state is not None:
         stream_args, how = resume_stream(
@@ -432,7 +434,7 @@ def train_loop(loop_config: dict) -> None:
             cfg.run.seed,
             world_size,
             cfg.data.loader_workers,
-            layout=getattr(source, "partition_layout", 1),
+            layout=layout,
         )
         if rank == 0:
             log.info(how)
@@ -535,7 +537,7 @@ def train_loop(loop_config: dict) -> None:
                     world_size * readers,
                     _merged_over_ranks(next_samples),
                     next_reader=(stream.first_worker + step - start_step) % readers,
-                    layout=getattr(source, "partition_layout", 1),
+                    layout=layout,
                 )
                 name = checkpoint_name(step)
                 uri = storage.join(storage_url, name)

@@ -254,11 +254,15 @@ def _candidates(param: Param) -> list[tuple[str, dict[str, Any], str]]:
     ]
 
 
-def check_against_config(space: Space, values: dict[str, Any], context: str = "") -> None:
-    """Every candidate value must make a valid config on top of `values` (nested dict),
-    which holds the space's fixed `config` already where `context` (what else `values`
-    holds, for the error) is given: the command line's overrides, which win over it."""
-    fixed = [] if context else [("config", space.config, "")]
+def check_against_config(
+    space: Space, values: dict[str, Any], cli_overrides: list[str] | None = None
+) -> None:
+    """`values` (nested dict) is the base config with the space's fixed `config` applied:
+    it must be valid, and so must each candidate value on top of it. With `cli_overrides`,
+    `values` holds them too (they win over the space's config, so it is not checked
+    without them) and the error names them."""
+    context = f" (with {' '.join(cli_overrides)})" if cli_overrides else ""
+    fixed = [] if cli_overrides else [("config", space.config, "")]
     for entry, overrides, hint in fixed + [c for p in space.params for c in _candidates(p)]:
         try:
             from_dict(apply_values(values, overrides))
@@ -268,8 +272,8 @@ def check_against_config(space: Space, values: dict[str, Any], context: str = ""
 
 def check_class_metric(space: Space, class_names: list[str]) -> None:
     """An iou/<class> metric must name one of the val split's classes (`class_names`, as
-    evaluation names them), which every evaluation reports: Tune ends the sweep in a
-    traceback at the first result that lacks its metric."""
+    evaluation names them): any other name would reach Tune as NaN from every trial, and
+    the sweep would end, after all its trials, without a best one."""
     from san.metrics import class_metric_name
 
     if not space.metric.startswith("iou/"):

@@ -75,7 +75,7 @@ def sweep_config(space: Space, config_path: str | None, overrides: list[str]) ->
         check_against_config(space, values)  # the space's own entries, one line on failure
     cfg = resolve_local_paths(from_dict(apply_overrides(values, overrides)))
     if overrides:  # they win over the space's config; trials sample the params on top
-        check_against_config(space, cfg.to_dict(), f" (with {' '.join(overrides)})")
+        check_against_config(space, cfg.to_dict(), overrides)
     check_metric(space, cfg)
     check_models(space, cfg)
     if space.metric in ("miou", "pixel_accuracy") and space.searches_cluster_count():
@@ -116,7 +116,7 @@ def run_trial(sampled: dict, sweep: dict) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     cfg = trial_config(sweep["base"], space, sampled, sweep["name"], trial_id)
     storage = trial_storage(sweep["storage"], sweep["name"])
-    finished = finished_trial_result(cfg, storage)
+    finished = finished_trial_result(cfg, storage, space.metric)
     if finished is not None:
         # An earlier attempt of this trial finished, but the sweep was interrupted before
         # Tune recorded it: hand Tune that result instead of reopening the finished run.
@@ -154,12 +154,16 @@ def run_trial(sampled: dict, sweep: dict) -> None:
     tracking.end_run(run_id, "FINISHED")
 
 
-def finished_trial_result(cfg: Config, storage: str) -> dict[str, Any] | None:
+def finished_trial_result(cfg: Config, storage: str, metric: str) -> dict[str, Any] | None:
     """The final result of a trial whose MLflow run an earlier attempt closed as completed,
-    with a complete checkpoint at its last step; None when the trial still has work to do."""
+    with a complete checkpoint at its last step; None when the trial still has work to do.
+
+    The metrics are those the checkpoint was reported with (older checkpoints: the run's
+    latest in MLflow), with the sweep's `metric` as NaN where they lack it, as
+    `SweepReportCallback` reports it."""
     from pipelines import tracking
     from pipelines.loop import checkpoint_name
-    from san.storage import is_complete_checkpoint, join
+    from san.storage import CheckpointError, join, load_checkpoint
 
     run_id = tracking.find_run(cfg, storage)
     if run_id is None:
@@ -169,9 +173,12 @@ def finished_trial_result(cfg: Config, storage: str) -> dict[str, Any] | None:
         return None
     step = cfg.optim.max_steps
     checkpoint = join(storage, cfg.run.name, checkpoint_name(step))
-    if not is_complete_checkpoint(checkpoint):
+    try:
+        state, _ = load_checkpoint(checkpoint)
+    except CheckpointError:
         return None
-    return {**run.data.metrics, "step": step, "checkpoint_path": checkpoint}
+    reported = state.get("metrics") or run.data.metrics
+    return {metric: float("nan"), **reported, "step": step, "checkpoint_path": checkpoint}
 
 
 class SweepReportCallback(TuneReportCallback):

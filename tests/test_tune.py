@@ -62,6 +62,8 @@ def test_trial_finished_before_an_interrupt_hands_tune_its_stored_result(
     """A sweep interrupted after a trial closed its run but before Tune recorded the trial:
     on --resume the trial reports its stored result instead of reopening the run. Only a
     run closed as completed, with a complete checkpoint at the last step, counts."""
+    import math
+
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
@@ -73,20 +75,28 @@ def test_trial_finished_before_an_interrupt_hands_tune_its_stored_result(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     cfg = load_config(ROOT / "pipelines" / "configs" / "tiny.yaml", ["run.name=sweep-t0"])
     storage, steps = str(tmp_path / "train"), cfg.optim.max_steps
-    assert finished_trial_result(cfg, storage) is None  # never started
+    assert finished_trial_result(cfg, storage, "miou") is None  # never started
     run_id, _ = tracking.start_run(cfg, storage)
     client = MlflowClient(uri)
     client.log_metric(run_id, "miou", 0.5, step=steps)
-    assert finished_trial_result(cfg, storage) is None  # still running
+    assert finished_trial_result(cfg, storage, "miou") is None  # still running
     client.set_tag(run_id, "stop_reason", STOP_COMPLETED)
     tracking.end_run(run_id, "FINISHED")
-    assert finished_trial_result(cfg, storage) is None  # no final checkpoint
+    assert finished_trial_result(cfg, storage, "miou") is None  # no final checkpoint
     final = tmp_path / "train" / "sweep-t0" / f"checkpoint_{steps:07d}"
     save_checkpoint(final, {"step": steps}, cfg.to_dict())
-    result = finished_trial_result(cfg, storage)
+    result = finished_trial_result(cfg, storage, "miou")
     assert result == {"miou": 0.5, "step": steps, "checkpoint_path": str(final)}
+    # What the final checkpoint was reported with, where it keeps that: MLflow's latest
+    # value of a class's IoU may be from an earlier evaluation, the class absent since.
+    reported = {"step": steps, "miou": 0.25, "iou/sky": 0.5}
+    save_checkpoint(final, {"step": steps, "metrics": reported}, cfg.to_dict())
+    client.log_metric(run_id, "iou/road", 0.9, step=steps - 1)
+    result = finished_trial_result(cfg, storage, "iou/road")  # as Tune expects it: NaN
+    assert math.isnan(result.pop("iou/road"))
+    assert result == {**reported, "checkpoint_path": str(final)}
     (final / "state.pt").write_bytes(b"torn")
-    assert finished_trial_result(cfg, storage) is None  # an incomplete checkpoint is not done
+    assert finished_trial_result(cfg, storage, "miou") is None  # an incomplete checkpoint: not done
     assert client.get_run(run_id).info.status == "FINISHED"  # and the run stays closed
 
 
