@@ -220,12 +220,12 @@ def check_resume_compatible(cfg: Config, newest: tuple[str, dict] | None) -> Non
     saved_size = saved_config.get("data", {}).get("image_size")
     if saved_size != cfg.data.image_size:
         changed.append(f"data.image_size={saved_size!r} there, {cfg.data.image_size!r} here")
-    # SAN has a decoder only while L_rec is on.
+    # SAN and k-means have a decoder only while L_rec is on.
     saved_w_rec = saved_config.get("loss", {}).get("w_rec", 0)
-    if cfg.model.name == "san" and (saved_w_rec > 0) != (cfg.loss.w_rec > 0):
+    if cfg.model.name in ("san", "kmeans") and (saved_w_rec > 0) != (cfg.loss.w_rec > 0):
         changed.append(
-            f"loss.w_rec={saved_w_rec!r} there, {cfg.loss.w_rec!r} here (SAN has a decoder "
-            "only with w_rec > 0)"
+            f"loss.w_rec={saved_w_rec!r} there, {cfg.loss.w_rec!r} here ({cfg.model.name} has "
+            "a decoder only with w_rec > 0)"
         )
     if changed:
         raise UserError(

@@ -463,7 +463,7 @@ def good_checkpoint(tmp_path_factory) -> Path:
         # These two passed the check, then failed in load_state_dict on every worker:
         # the ViT's position embeddings and SAN's decoder.
         ("data.image_size=64", "data.image_size=32 there, 64 here"),
-        ("loss.w_rec=0", "there, 0.0 here (SAN has a decoder only with w_rec > 0)"),
+        ("loss.w_rec=0", "there, 0.0 here (san has a decoder only with w_rec > 0)"),
     ],
 )
 def test_train_resume_from_incompatible_checkpoint(

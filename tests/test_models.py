@@ -120,6 +120,24 @@ def test_weight_zero_removes_term_and_its_compute():
     torch.testing.assert_close(total, terms["mi"] * cfg.loss.w_mi + terms["con"] * cfg.loss.w_con)
 
 
+def test_kmeans_without_reconstruction_trains_every_parameter_it_has():
+    """DDP (find_unused_parameters off) fails at the second step when a parameter gets no
+    gradient: k-means built its decoder even with L_rec off, which nothing then trained."""
+    cfg = tiny_cfg("model.name=kmeans", "data.image_size=32", "loss.w_rec=0")
+    model = create_model(cfg)
+    assert model.decoder is None
+    batch = make_batch()
+    out1, out2 = forward_pair(model, batch)
+    total, terms = SANLoss(cfg.loss)(out1, out2, batch)
+    assert set(terms) == {"mi"}
+    total.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # A checkpoint from before, with its untrained decoder, still loads.
+    with_decoder = create_model(tiny_cfg("model.name=kmeans", "data.image_size=32"))
+    model.load_state_dict(with_decoder.state_dict())
+    torch.testing.assert_close(model.encoder.state_dict(), with_decoder.encoder.state_dict())
+
+
 def test_orthogonality_zero_for_orthonormal_centres():
     q, _ = torch.linalg.qr(torch.randn(16, 16))
     assert orthogonality_loss(q[:5] * 3.0).item() == pytest.approx(0.0, abs=1e-5)

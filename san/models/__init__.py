@@ -35,10 +35,14 @@ def create_model(
             cfg = dataclasses.replace(cfg, vit_weights=None)
     if isinstance(cfg, Config):
         model_cfg, image_size = cfg.model, cfg.data.image_size
+        # L_rec off: no decoder is built (nothing would train it).
+        with_decoder = cfg.loss.w_rec > 0
         if model_cfg.name == "kmeans":
-            return KMeansEmbeddings(model_cfg, image_size, cfg.loss.kmeans_momentum)
+            return KMeansEmbeddings(
+                model_cfg, image_size, cfg.loss.kmeans_momentum, with_decoder=with_decoder
+            )
         if model_cfg.name == "san":
-            return SAN(model_cfg, image_size, with_decoder=cfg.loss.w_rec > 0)
+            return SAN(model_cfg, image_size, with_decoder=with_decoder)
     else:
         model_cfg = cfg
     if image_size is None:

@@ -118,13 +118,20 @@ class KMeansEmbeddings(SegmentationModel):
     the batch) and in having no L_con and L_orth.
     """
 
-    def __init__(self, cfg: ModelConfig, image_size: int, momentum: float = 0.99) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        image_size: int,
+        momentum: float = 0.99,
+        with_decoder: bool = True,
+    ) -> None:
         super().__init__()
         self.n_clusters = cfg.n_clusters
         self.tau = cfg.tau
         self.momentum = momentum
         self.encoder = PixelEncoder(cfg.encoder, cfg.embed_dim, cfg.stride)
-        self.decoder = Decoder(cfg.embed_dim, cfg.decoder_dim, cfg.stride)
+        # Without L_rec no gradient reaches a decoder, which DDP refuses at the second step.
+        self.decoder = Decoder(cfg.embed_dim, cfg.decoder_dim, cfg.stride) if with_decoder else None
         self.register_buffer("centroids", torch.zeros(cfg.n_clusters, cfg.embed_dim))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
 
@@ -135,7 +142,15 @@ class KMeansEmbeddings(SegmentationModel):
             self._update_centroids(z_unit.detach())
         logits = torch.einsum("bdhw,kd->bkhw", z_unit, F.normalize(self.centroids, dim=1))
         logits = logits / self.tau
-        return {"z": z, "logits": logits, "assign": logits.softmax(dim=1), "recon": self.decoder(z)}
+        out = {"z": z, "logits": logits, "assign": logits.softmax(dim=1)}
+        if self.decoder is not None:
+            out["recon"] = self.decoder(z)
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.decoder is None:  # checkpoints from before carry a decoder L_rec=0 never trained
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("decoder.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
     def _update_centroids(self, z_unit: torch.Tensor) -> None:
