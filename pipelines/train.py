@@ -386,11 +386,8 @@ def train(cfg: Config) -> dict:
     from san.models import check_model_config
 
     storage = resolve_storage(cfg.run.storage)
-    check_model_config(cfg)
-    weights = cfg.model.vit_weights
-    if weights and on_local_ray() and not os.path.isfile(weights):
-        # Local workers share this machine's files; a cluster's have their own.
-        raise UserError(f"model.vit_weights={weights!r}: no such file")
+    # Local workers share this machine's files (model.vit_weights); a cluster's have their own.
+    check_model_config(cfg, read_weights=on_local_ray())
     preflight_data(cfg)
     check_services(cfg)
     newest = newest_saved_checkpoint(cfg, storage)

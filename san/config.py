@@ -44,8 +44,9 @@ class ModelConfig:
     vit_patch_size: int = 16
     # Override the ViT depth (null keeps the architecture's own); 2-4 for tests.
     vit_depth: int | None = None
-    # Optional local weights file (a state_dict saved with torch.save) for the ViT.
-    # Nothing is ever downloaded.
+    # Optional local weights file for the ViT: a state_dict as timm or DINO publish it
+    # (e.g. DINO ViT-S/8); its position embeddings and patch kernels are resampled to this
+    # image and patch size. Nothing is ever downloaded.
     vit_weights: str | None = None
     # K, the number of clusters (semantic embeddings). Set it to the number of
     # classes for the standard protocol, or larger to over-cluster.

@@ -109,6 +109,22 @@ def test_bad_config_value(clean_env, monkeypatch, capsys, override, expected):
     assert_nothing_left(clean_env)
 
 
+def test_vit_weights_of_another_vit_are_one_line_before_ray_starts(
+    clean_env, monkeypatch, capsys, tmp_path
+):
+    """A weights file that does not fit model.vit failed in each worker, after
+    run.max_failures restarts, with a traceback."""
+    import timm
+    import torch
+
+    weights = tmp_path / "vit_small.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), weights)
+    args = train_args(clean_env, f"model.vit_weights={weights}")
+    code, err = run_inprocess("train", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"model.vit_weights='{weights}' does not fit model.vit: ")
+    assert_nothing_left(clean_env)
+
+
 # ------------------------------------------------------------------------------------ data
 
 

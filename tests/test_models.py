@@ -138,6 +138,26 @@ def test_kmeans_without_reconstruction_trains_every_parameter_it_has():
     torch.testing.assert_close(model.encoder.state_dict(), with_decoder.encoder.state_dict())
 
 
+def test_vit_weights_load_as_published_resampled_to_this_grid(tmp_path):
+    """A published ViT checkpoint (224 px, patch 16, with its classifier, wrapped as timm
+    and DINO save them) for a 32-px, patch-8 model: refused before, as it did not fit."""
+    import timm
+
+    from san.models.semantic import SemanticGenerator
+
+    published = timm.create_model("vit_tiny_patch16_224", depth=1)
+    path = tmp_path / "vit.pth"
+    torch.save({"model": published.state_dict()}, path)
+    vit = SemanticGenerator("vit_tiny_patch16_224", 32, 8, 3, 16, depth=1, weights=str(path)).vit
+    assert vit.pos_embed.shape == (1, 1 + 4 * 4, 192) and vit.patch_embed.proj.kernel_size == (8, 8)
+    torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, published.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(vit.pos_embed[:, 0], published.pos_embed[:, 0])  # class token's
+    other = tmp_path / "small.pth"  # another width: one line naming the file
+    torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), other)
+    with pytest.raises(ValueError, match=r"^model.vit_weights='.*small.pth' does not fit "):
+        SemanticGenerator("vit_tiny_patch16_224", 32, 8, 3, 16, depth=1, weights=str(other))
+
+
 def test_orthogonality_zero_for_orthonormal_centres():
     q, _ = torch.linalg.qr(torch.randn(16, 16))
     assert orthogonality_loss(q[:5] * 3.0).item() == pytest.approx(0.0, abs=1e-5)

@@ -54,14 +54,15 @@ def create_model(
     return MODELS[model_cfg.name](model_cfg, image_size)
 
 
-def check_model_config(cfg: Config) -> None:
+def check_model_config(cfg: Config, read_weights: bool = False) -> None:
     """Raise a one-line ConfigError if `cfg`'s model cannot be built.
 
     `san.config` checks types and ranges without importing timm (1.7 s); this catches the
     rest before any worker starts: a name timm does not know, a CNN with no feature level
     at `model.stride`, a `model.vit` that is not a ViT. The model is built on the meta
-    device (0.05 s, no memory). `model.vit_weights` is not read: the file has to exist
-    where the workers run, which need not be here.
+    device (0.05 s, no memory). `model.vit_weights` is read only with `read_weights` (its
+    names and shapes are checked, nothing is copied): the file has to exist where the
+    workers run, which need not be here.
     """
     import timm
 
@@ -77,10 +78,10 @@ def check_model_config(cfg: Config) -> None:
     model_cfg = cfg.model
     try:
         with torch.device("meta"):
-            create_model(cfg, vit_weights=False)
+            create_model(cfg, vit_weights=read_weights)
     except Exception as exc:  # noqa: BLE001 - timm and torch raise many types
         message = " ".join(str(exc).split())
-        if isinstance(exc, ValueError) and message.startswith("model."):
+        if isinstance(exc, ValueError | FileNotFoundError) and message.startswith("model."):
             raise ConfigError(message) from None  # ours: it names the field already
         raise ConfigError(
             f"model settings (encoder={model_cfg.encoder!r}, vit={model_cfg.vit!r}, "

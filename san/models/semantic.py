@@ -44,14 +44,34 @@ class SemanticGenerator(nn.Module):
         self.scale = width**-0.5
 
     def _load_weights(self, path: str) -> None:
+        """Load a ViT checkpoint as published (timm's, DINO's: any image and patch size).
+
+        timm's own filter adapts it: it unwraps {"model": ...}, converts DINOv2 and CLIP
+        layouts, and resamples the position embeddings and patch kernels to this model's
+        grid (a 224-px, patch-16 checkpoint for a 96-px, patch-8 model). The classifier
+        is dropped: this ViT has none. Anything else that does not fit is refused.
+        """
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.vit_weights={path!r}: no such file")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = self.vit.load_state_dict(state, strict=False)
-        if unexpected or [k for k in missing if not k.startswith("head")]:
+        try:
+            if isinstance(self.vit, VisionTransformer):
+                state = checkpoint_filter_fn(state, self.vit)
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        except (RuntimeError, ValueError, KeyError, AttributeError) as exc:
+            reason = " ".join(str(exc).split())[:300]
             raise ValueError(
-                f"model.vit_weights={path!r} does not fit model.vit: "
-                f"{len(missing)} missing and {len(unexpected)} unexpected keys"
+                f"model.vit_weights={path!r} does not fit model.vit: {reason}"
+            ) from None
+        if missing or unexpected:
+            raise ValueError(
+                f"model.vit_weights={path!r} does not fit model.vit: missing "
+                f"{', '.join(missing[:3]) or 'none'}{', ...' if len(missing) > 3 else ''}; "
+                f"unexpected {', '.join(unexpected[:3]) or 'none'}"
+                f"{', ...' if len(unexpected) > 3 else ''}"
             )
 
     @property
