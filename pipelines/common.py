@@ -278,6 +278,12 @@ def check_services(cfg: Config) -> None:
     storage = resolve_storage(cfg.run.storage)
     pyarrow_filesystem(storage)  # a scheme Ray can write to; StorageError is one line
     check_storage(storage)
+    check_tracking()
+
+
+def check_tracking() -> None:
+    """Fail fast, before any work, when the MLflow server is unreachable: MLflow's own
+    client retries for minutes, then raises a traceback."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
         import urllib.error

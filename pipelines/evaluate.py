@@ -124,9 +124,11 @@ def check_registry_names(name: str, alias: str) -> None:
 
 def evaluate(checkpoint: str, overrides: list[str], register_as: str | None, alias: str) -> dict:
     from pipelines import tracking
+    from pipelines.common import check_tracking
     from pipelines.loop import run_evaluation
     from san.data import DataError
 
+    check_tracking()  # else the evaluation runs first, and its result is lost
     model, cfg, state = load_model(checkpoint, overrides)
     step = int(state.get("step", 0))
     try:  # the data the checkpoint names (data.root may be relative to where it trained)

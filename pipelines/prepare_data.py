@@ -101,8 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def absolute(url: str) -> str:
-    """Local paths as absolute paths (relative to the current directory); URLs unchanged."""
+    """Local paths as absolute paths (relative to the current directory); URLs without a
+    trailing "/" (`s3://` alone, say from an unset $BUCKET, is refused: it was "s3:", a
+    local folder of that name)."""
     if "://" in url:
+        if not url.split("://", 1)[1].strip("/"):
+            raise UserError(f"{url} names no bucket or folder")
         return url.rstrip("/")
     return os.path.abspath(os.path.expanduser(url))
 

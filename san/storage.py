@@ -73,6 +73,10 @@ def s3_endpoint() -> str | None:
     for name in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
         value = os.environ.get(name, "").strip()
         if value:
+            if "://" not in value:  # boto3 raised "Invalid endpoint" in a traceback
+                raise StorageError(
+                    f"{name}={value!r} has no scheme: write http://{value} or https://{value}"
+                )
             return value
     return None
 
@@ -177,9 +181,9 @@ def _arrow_s3_client(region: str = "") -> pafs.S3FileSystem:
     endpoint = s3_endpoint()
     kwargs: dict[str, Any] = {"region": region or _region()}
     if endpoint:
-        parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+        parsed = urlparse(endpoint)
         kwargs["endpoint_override"] = parsed.netloc
-        kwargs["scheme"] = parsed.scheme or "https"
+        kwargs["scheme"] = parsed.scheme
     return pafs.S3FileSystem(**kwargs)
 
 
@@ -485,9 +489,11 @@ def _read_verified(uri: str) -> dict[str, bytes]:
         return _read_verified_files(uri)
     except CheckpointError:
         raise
-    except Exception:
+    except Exception as exc:
         if _is_s3(uri):
             check_storage(uri, write=False)
+        if isinstance(exc, OSError):  # e.g. a file or folder this user may not read
+            raise CheckpointError(_one_line(f"checkpoint {uri} cannot be read: {exc}")) from exc
         raise
 
 

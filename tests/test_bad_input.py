@@ -358,6 +358,52 @@ def test_storage_under_home_is_expanded(monkeypatch, tmp_path):
     assert resolve_storage(str(tmp_path / "runs") + "/") == str(tmp_path / "runs")
 
 
+def test_storage_inputs_that_gave_tracebacks(tmp_path, monkeypatch, good_checkpoint):
+    """An endpoint without a scheme (as MinIO's docs write it) raised boto3's ValueError; a
+    checkpoint file that cannot be read raised an OSError; prepare_data --out s3:// (an
+    unset $BUCKET) wrote to a local folder named "s3:"."""
+    import shutil
+
+    from pipelines.common import UserError
+    from pipelines.prepare_data import absolute
+    from san.storage import MANIFEST, CheckpointError, StorageError, check_storage, load_checkpoint
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "localhost:9000")
+    with pytest.raises(StorageError) as caught:
+        check_storage("s3://bucket/runs")
+    assert str(caught.value) == (
+        "AWS_ENDPOINT_URL='localhost:9000' has no scheme: write http://localhost:9000 or "
+        "https://localhost:9000"
+    )
+    unreadable = tmp_path / "checkpoint_0000005"
+    shutil.copytree(good_checkpoint, unreadable)
+    (unreadable / MANIFEST).unlink()
+    (unreadable / MANIFEST).mkdir()  # read as a file: an OSError, as a permission error is
+    with pytest.raises(CheckpointError, match=f"^checkpoint {unreadable} cannot be read: "):
+        load_checkpoint(str(unreadable))
+    for url in ("s3://", "s3:///"):
+        with pytest.raises(UserError, match=f"^{url} names no bucket or folder$"):
+            absolute(url)
+    assert absolute("s3://bucket/shards/") == "s3://bucket/shards"
+
+
+def test_evaluate_says_mlflow_is_down_before_evaluating(
+    good_checkpoint, clean_env, monkeypatch, capsys
+):
+    """It evaluated first, then retried MLflow for minutes, then raised a traceback: the
+    evaluation was lost."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends: nothing listens
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    args = ["--checkpoint", str(good_checkpoint)]
+    code, err = run_inprocess("evaluate", args, monkeypatch, capsys)
+    assert_one_line_error(code, err, f"MLflow server http://127.0.0.1:{port} is unreachable")
+
+
 def test_the_result_line_is_strict_json(capsys):
     """A NaN metric (a checkpoint re-reported without its loss) was written as NaN, which
     is not JSON: jq and JSON.parse refused the line scripts read."""

@@ -516,6 +516,7 @@ def test_folder_reads_pils_formats_and_names_what_it_ignores(tmp_path: Path, cap
     label = np.ones((12, 16), np.uint8)
     for name in ("a.png", "d.PNG", "zzz.png"):
         (labels / name).write_bytes(encode_png(label))
+    Image.fromarray(label).save(labels / "b.tif", "TIFF")  # labels are PNG only
 
     with caplog.at_level("WARNING", logger="san"):
         ds = FolderDataset(str(tmp_path), "train")
@@ -527,6 +528,21 @@ def test_folder_reads_pils_formats_and_names_what_it_ignores(tmp_path: Path, cap
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("1 not images (notes.txt), ignored" in w for w in warnings), warnings
     assert any("1 labels with no image (zzz), ignored" in w for w in warnings), warnings
+    assert any("1 labels not PNG (b.tif), ignored" in w for w in warnings), warnings
+
+
+def test_folder_source_problems_are_one_line(tmp_path: Path) -> None:
+    """A URL root collapsed into a local path ("s3:/b/x not found"); a classes.txt not in
+    UTF-8 was a UnicodeDecodeError; one naming a class twice gave two classes one metric."""
+    with pytest.raises(DataError, match=r"^data.dataset=folder reads a local folder; s3://b/x is"):
+        FolderDataset("s3://b/x", "train")
+    _save(tmp_path / "images" / "a.png", np.full((12, 16, 3), 100, np.uint8))
+    (tmp_path / "classes.txt").write_bytes("caf\xe9\nroad\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"classes.txt is not UTF-8 text \(byte 3\)$"):
+        FolderDataset(str(tmp_path), "train")
+    (tmp_path / "classes.txt").write_text("sky\nroad\nsky\n")
+    with pytest.raises(DataError, match=r"classes.txt names a class twice: 'sky'$"):
+        FolderDataset(str(tmp_path), "train")
 
 
 def test_folder_unlabelled_root_layout_and_classes(tmp_path: Path) -> None:

@@ -38,12 +38,12 @@ def read_class_names(*folders: Path) -> list[str] | None:
     for folder in folders:
         txt = folder / "classes.txt"
         if txt.is_file():
-            names = [line.strip() for line in txt.read_text().splitlines() if line.strip()]
-            return names or None
+            names = [line.strip() for line in _read_text(txt).splitlines() if line.strip()]
+            return _distinct(txt, names) or None
         js = folder / "classes.json"
         if js.is_file():
             try:
-                data = json.loads(js.read_text())
+                data = json.loads(_read_text(js))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{js} is not valid JSON: {exc.msg} (line {exc.lineno})") from None
             if isinstance(data, dict) and "class_names" in data:
@@ -63,8 +63,32 @@ def read_class_names(*folders: Path) -> list[str] | None:
                     f"{js} must hold a list of class names, {{'class_names': [...]}} "
                     "or {'0': name, ...}"
                 )
-            return data or None
+            return _distinct(js, data) or None
     return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _distinct(path: Path, names: list[str]) -> list[str]:
+    """Each class its own name: two classes of one name report one iou/<name> metric."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path} names a class twice: {', '.join(map(repr, twice[:3]))}")
+    return names
+
+
+def _files(folder: Path) -> list[Path]:
+    try:
+        return [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    except OSError as exc:
+        raise DataError(f"cannot list {str(folder)!r}: {exc.strerror}") from None
 
 
 def _warn_ignored(folder: Path, names: list[str], what: str) -> None:
@@ -84,6 +108,11 @@ class FolderDataset(IndexedSource):
     """Images (and optional labels) read from a folder, one file per sample."""
 
     def __init__(self, root: str, split: str) -> None:
+        if "://" in root:
+            raise DataError(
+                f"data.dataset=folder reads a local folder; {root} is a URL: write it as shards "
+                "with pipelines/prepare_data.py, or copy it here"
+            )
         base = Path(root).expanduser()
         folder = base / split
         if not (folder / "images").is_dir() and (base / "images").is_dir():
@@ -96,7 +125,7 @@ class FolderDataset(IndexedSource):
         self.root = base
         self.split = split
         self.folder = folder
-        entries = [p for p in image_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
+        entries = _files(image_dir)
         files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise DataError(
@@ -112,9 +141,10 @@ class FolderDataset(IndexedSource):
         label_dir = folder / "labels"
         labels = {}
         if label_dir.is_dir():
-            labels = {
-                p.stem: p for p in label_dir.iterdir() if p.is_file() and p.suffix.lower() == ".png"
-            }
+            label_files = _files(label_dir)
+            labels = {p.stem: p for p in label_files if p.suffix.lower() == ".png"}
+            not_png = sorted(p.name for p in label_files if p.suffix.lower() != ".png")
+            _warn_ignored(label_dir, not_png, "labels not PNG")
         self.label_paths: list[Path | None] = [labels.get(i) for i in self.ids]
         _warn_ignored(label_dir, sorted(set(labels) - set(self.ids)), "labels with no image")
         self.class_names = read_class_names(folder, base)
