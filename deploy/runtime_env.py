@@ -3,8 +3,8 @@
     ray job submit --working-dir . --runtime-env-json "$(python deploy/runtime_env.py)" \
         -- python pipelines/train.py --config pipelines/configs/tiny.yaml
 
-Only the variables in pipelines.common.FORWARDED_ENV that are set in this shell and are not
-secrets (pipelines.common.SECRET_ENV) are passed, so the job's driver sees the same MLflow server
+Only the variables in pipelines.job_env.FORWARDED_ENV that are set in this shell and are not
+secrets (pipelines.job_env.SECRET_ENV) are passed, so the job's driver sees the same MLflow server
 and S3 endpoint as the submitting shell, and `init_ray` forwards them on to every worker.
 Secrets (S3 keys, MLflow credentials) never travel in a runtime env: Ray writes runtime envs,
 values included, into its logs and shows them in the dashboard. They belong to the cluster:
@@ -15,7 +15,7 @@ own Python (the image of deploy/Dockerfile, or the venv the head was started fro
 installing torch per job is slow and could drift from the cluster's pinned versions. The
 working dir excludes (.git, .venv, outputs, caches) come from the project's .rayignore;
 so that the job's MLflow runs still name the code they ran, the submitting checkout's git
-commit, branch and dirty flag go as SAN_GIT_* variables (pipelines.common.code_version).
+commit, branch and dirty flag go as SAN_GIT_* variables (pipelines.job_env.code_version).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.common import (  # noqa: E402
+from pipelines.job_env import (  # noqa: E402 - the standard library only: no torch needed here
     CODE_VERSION_ENV,
     FORWARDED_ENV,
     SECRET_ENV,

@@ -22,15 +22,8 @@ import mlflow
 from mlflow.entities import Metric, RunStatus
 from mlflow.tracking import MlflowClient
 
-from pipelines.common import (
-    ROOT,
-    STOPPED_BY_SCHEDULER,
-    UserError,
-    code_version,
-    sqlite_database,
-    tracking_uri,
-    uncommitted_diff,
-)
+from pipelines.common import ROOT, STOPPED_BY_SCHEDULER, UserError, sqlite_database, tracking_uri
+from pipelines.job_env import code_version, uncommitted_diff
 from san.config import Config
 
 log = logging.getLogger("san")
@@ -123,7 +116,7 @@ class CodeSource:
 
     script: str  # relative to the project when it is in it
     command: str
-    version: dict[str, str]  # pipelines.common.code_version()
+    version: dict[str, str]  # pipelines.job_env.code_version()
     diff: str = ""  # uncommitted changes, logged as code/uncommitted.diff
 
     @classmethod

@@ -2,7 +2,8 @@
 
     python pipelines/tune.py --space tune_spaces/quick.yaml [--config FILE] [k=v ...]
         [--num-samples N] [--resume] [--num-cpus N]
-    ray job submit --working-dir . -- python pipelines/tune.py --space tune_spaces/san_paper.yaml
+    ray job submit --working-dir . -- python pipelines/tune.py --space tune_spaces/san_paper.yaml \
+        run.use_gpu=true
 
 Each trial runs the same `TorchTrainer` as `pipelines/train.py` (built by `build_trainer`)
 inside a Tune function trainable; `SweepReportCallback` forwards every evaluation report

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from services import MLFLOW_ENV, _kill_group, _spawn, _tail, free_port, wait_http
 
-from pipelines.common import FORWARDED_ENV, SECRET_ENV
+from pipelines.job_env import FORWARDED_ENV, SECRET_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -212,6 +212,22 @@ def test_env_vars_are_the_ones_the_code_reads() -> None:
     }
 
 
+def test_runtime_env_script_needs_only_the_standard_library() -> None:
+    """It runs on the machine that submits jobs, which deploy/README.md gives only
+    ray[default] and boto3: importing torch, fsspec or pyarrow there failed, and
+    `--runtime-env-json "$(...)"` then got an empty string."""
+    check = (
+        "import runpy, sys; runpy.run_path('deploy/runtime_env.py', run_name='__main__'); "
+        "heavy = {'torch', 'pyarrow', 'fsspec', 'san', 'ray', 'mlflow'} & set(sys.modules); "
+        "assert not heavy, heavy"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "env_vars" in json.loads(proc.stdout)
+
+
 def test_mlflow_server_manifests() -> None:
     """PostgreSQL backend, S3 artifacts, a host-allow list; S3/DB variables only."""
     allowed = {
@@ -270,6 +286,15 @@ def test_rayignore_keeps_the_upload_small(tmp_path: Path) -> None:
 
     names = zipfile.ZipFile(package).namelist()
     top = {n.split("/", 1)[0] for n in names}
+    # The MLflow server's filled-in .env (deploy/README.md step 3) never travels.
+    (tmp_path / "tree" / "deploy" / "mlflow").mkdir(parents=True)
+    (tmp_path / "tree" / "deploy" / "mlflow" / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
+    (tmp_path / "tree" / "deploy" / "mlflow" / "env.example").write_text("AWS_SECRET_ACCESS_KEY=\n")
+    for ignore in (".rayignore", ".gitignore"):
+        shutil.copy(ROOT / ignore, tmp_path / "tree" / ignore)
+    create_package(str(tmp_path / "tree"), tmp_path / "tree.zip", include_gitignore=True)
+    packed = zipfile.ZipFile(tmp_path / "tree.zip").namelist()
+    assert "deploy/mlflow/env.example" in packed and "deploy/mlflow/.env" not in packed, packed
     assert not top & {".git", ".venv", "outputs", ".pytest_cache", ".ruff_cache"}, top
     assert "pipelines" in top and "san" in top
     assert package.stat().st_size < 5 * 2**20, f"upload is {package.stat().st_size} bytes"

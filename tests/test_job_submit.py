@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from deploy.runtime_env import runtime_env
-from pipelines.common import SECRET_ENV, code_version
+from pipelines.job_env import SECRET_ENV, code_version
 from san import storage
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.common import code_version, uncommitted_diff
+from pipelines.job_env import code_version, uncommitted_diff
 from san.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.common import code_version
+from pipelines.job_env import code_version
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNE = ROOT / "pipelines" / "tune.py"
