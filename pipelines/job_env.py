@@ -10,28 +10,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Variables a Ray worker needs to reach the same services as the driver. Only
-# names travel in code; the values come from the driver's environment.
-FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
-
-
-# Of those, the secrets. Ray writes a job's runtime env, values included, into its logs
-# (runtime_env_agent.log) and the dashboard, so secrets never travel in one. Workers get them
-# by inheritance instead: a local Ray's processes are started by this driver and inherit its
-# environment; on a cluster every Ray process inherits the environment `ray start` ran in
+# Secrets a Ray worker may need. Ray writes a job's runtime env, values included, into its
+# logs (runtime_env_agent.log) and the dashboard, so secrets never travel in one. Workers get
+# them by inheritance instead: a local Ray's processes are started by this driver and inherit
+# its environment; on a cluster every Ray process inherits the environment `ray start` ran in
 # (deploy/cluster.yaml's services.env, KubeRay's san-services Secret).
 SECRET_ENV = (
     "MLFLOW_TRACKING_USERNAME",
@@ -40,6 +22,18 @@ SECRET_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+)
+
+# Variables a Ray worker needs to reach the same services as the driver, the secrets among
+# them. Only names travel in code; the values come from the driver's environment.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    *SECRET_ENV,
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "MLFLOW_S3_ENDPOINT_URL",
 )
 
 
