@@ -18,7 +18,6 @@ import re
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 IGNORE_INDEX = 255
@@ -122,6 +121,10 @@ def _as_numpy(matrix: np.ndarray | Tensor | ConfusionMatrix) -> np.ndarray:
 def hungarian_match(matrix: np.ndarray | Tensor) -> np.ndarray:
     """One-to-one cluster -> class assignment maximising matched pixels (-1: left unassigned)."""
     m = _as_numpy(matrix).astype(np.float64)
+    # Imported here: scipy.optimize costs 0.24 s, in every process that imports san (Ray
+    # starts several per run), and only the evaluating rank matches clusters.
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(m, maximize=True)
     mapping = np.full(m.shape[0], -1, dtype=np.int64)
     mapping[rows] = cols
