@@ -492,7 +492,10 @@ def _read_verified(uri: str) -> dict[str, bytes]:
     except Exception as exc:
         if _is_s3(uri):
             check_storage(uri, write=False)
-        if isinstance(exc, OSError):  # e.g. a file or folder this user may not read
+        # A file this user may not read is the checkpoint's own problem. Other OSErrors (a
+        # timeout, an S3 500) are passing: as CheckpointErrors, a resume would skip to an
+        # older checkpoint on one rank and not on another.
+        if isinstance(exc, PermissionError | IsADirectoryError | NotADirectoryError):
             raise CheckpointError(_one_line(f"checkpoint {uri} cannot be read: {exc}")) from exc
         raise
 

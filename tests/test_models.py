@@ -152,6 +152,15 @@ def test_vit_weights_load_as_published_resampled_to_this_grid(tmp_path):
     assert vit.pos_embed.shape == (1, 1 + 4 * 4, 192) and vit.patch_embed.proj.kernel_size == (8, 8)
     torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, published.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(vit.pos_embed[:, 0], published.pos_embed[:, 0])  # class token's
+    # The driver's check of the file (on the meta device): quiet when it fits.
+    import warnings
+
+    from san.models import check_model_config
+
+    fits = tiny_cfg("data.image_size=32", "model.vit_patch_size=8", f"model.vit_weights={path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_model_config(fits, read_weights=True)
     other = tmp_path / "small.pth"  # another width: one line naming the file
     torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), other)
     with pytest.raises(ValueError, match=r"^model.vit_weights='.*small.pth' does not fit "):

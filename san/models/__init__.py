@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -60,9 +61,9 @@ def check_model_config(cfg: Config, read_weights: bool = False) -> None:
     `san.config` checks types and ranges without importing timm (1.7 s); this catches the
     rest before any worker starts: a name timm does not know, a CNN with no feature level
     at `model.stride`, a `model.vit` that is not a ViT. The model is built on the meta
-    device (0.05 s, no memory). `model.vit_weights` is read only with `read_weights` (its
-    names and shapes are checked, nothing is copied): the file has to exist where the
-    workers run, which need not be here.
+    device (0.05 s, no memory). `model.vit_weights` is read only with `read_weights`: the
+    file is loaded and its names and shapes checked against the model, into which nothing
+    is copied. It has to exist where the workers run, which need not be here.
     """
     import timm
 
@@ -77,7 +78,9 @@ def check_model_config(cfg: Config, read_weights: bool = False) -> None:
             )
     model_cfg = cfg.model
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():
+            # torch warns for each weight that a copy into a meta tensor does nothing.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
             create_model(cfg, vit_weights=read_weights)
     except Exception as exc:  # noqa: BLE001 - timm and torch raise many types
         message = " ".join(str(exc).split())
