@@ -2,7 +2,8 @@
 
 - L_mi: IIC mutual information between the two views' pixel assignments, aligned
   pixel to pixel through the views' crop geometry.
-- L_con: consistency sustainer, L2 between norm(Z) and the SEAT reconstruction Z'.
+- L_con: consistency sustainer, L2 between Z and the SEAT reconstruction Z' (both on the
+  unit sphere unless model.seat_space=raw; see SEAT).
 - L_rec: L2 between the (normalised) view and the decoder's reconstruction.
 - L_orth: ||norm(S) norm(S)^T - I||_F^2, uniformity of the centres.
 
@@ -41,9 +42,9 @@ def mutual_information_loss(
     return -(joint * (joint.log() - lam * p_i.log() - lam * p_j.log())).sum()
 
 
-def consistency_loss(z_unit: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
-    """Mean squared distance per pixel between norm(Z) and Z' = A norm(S)."""
-    return (z_unit.float() - z_rec.float()).pow(2).sum(dim=1).mean()
+def consistency_loss(z: torch.Tensor, z_rec: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance per pixel between the pixel features and Z'."""
+    return (z.float() - z_rec.float()).pow(2).sum(dim=1).mean()
 
 
 def reconstruction_loss(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -84,8 +85,8 @@ class SANLoss(nn.Module):
             terms["mi"] = mutual_information_loss(out1["assign"], aligned, valid, self.mi_lambda)
         if "con" in active:
             terms["con"] = (
-                consistency_loss(out1["z_unit"], out1["z_rec"])
-                + consistency_loss(out2["z_unit"], out2["z_rec"])
+                consistency_loss(out1["z_con"], out1["z_rec"])
+                + consistency_loss(out2["z_con"], out2["z_rec"])
             ) / 2
         if "rec" in active:
             terms["rec"] = (

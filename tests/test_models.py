@@ -4,10 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from san.config import load_config
+from san.config import ConfigError, load_config
 from san.engine import Trainer, split_outputs
-from san.losses import SANLoss, mutual_information_loss, orthogonality_loss
+from san.losses import SANLoss, consistency_loss, mutual_information_loss, orthogonality_loss
 from san.models import create_model
+from san.models.seat import SEAT
 
 TINY = ["model.encoder=resnet10t", "model.vit_depth=1", "model.embed_dim=16", "model.decoder_dim=8"]
 
@@ -165,6 +166,37 @@ def test_vit_weights_load_as_published_resampled_to_this_grid(tmp_path):
     torch.save(timm.create_model("vit_small_patch16_224", depth=1).state_dict(), other)
     with pytest.raises(ValueError, match=r"^model.vit_weights='.*small.pth' does not fit "):
         SemanticGenerator("vit_tiny_patch16_224", 32, 8, 3, 16, depth=1, weights=str(other))
+
+
+@pytest.mark.parametrize("space", ["unit", "raw"])
+def test_seat_reconstructs_in_the_configured_space(space):
+    """ "unit": Z' = A norm(S) against norm(Z); "raw" (DESIGN.md's formula): Z' = A S
+    against Z. The assignment is the same cosine softmax in both."""
+    z = torch.randn(2, 16, 4, 4) * 3.0
+    centres = torch.randn(5, 16) * 2.0
+    out = SEAT(tau=0.2, space=space)(z, centres)
+    cosine = torch.einsum("bdhw,kd->bkhw", F.normalize(z, dim=1), F.normalize(centres, dim=1))
+    torch.testing.assert_close(out["assign"], (cosine / 0.2).softmax(dim=1))
+    unit = space == "unit"
+    basis = F.normalize(centres, dim=1) if unit else centres
+    expected = torch.einsum("bkhw,kd->bdhw", out["assign"], basis)
+    torch.testing.assert_close(out["z_rec"], expected)
+    torch.testing.assert_close(out["z_con"], F.normalize(z, dim=1) if unit else z)
+    # Raw L_con sees lengths: halving Z and S lowers it; on the sphere it is unchanged.
+    shrunk = SEAT(tau=0.2, space=space)(z / 2, centres / 2)
+    before = consistency_loss(out["z_con"], out["z_rec"])
+    after = consistency_loss(shrunk["z_con"], shrunk["z_rec"])
+    if unit:
+        torch.testing.assert_close(after, before)
+    else:
+        torch.testing.assert_close(after, before / 4)
+
+
+def test_seat_space_is_a_config_choice():
+    model = create_model(tiny_cfg("model.seat_space=raw"))
+    assert model.seat.space == "raw"
+    with pytest.raises(ConfigError, match=r"model.seat_space='sphere' is not allowed; choose one"):
+        tiny_cfg("model.seat_space=sphere")
 
 
 def test_orthogonality_zero_for_orthonormal_centres():

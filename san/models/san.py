@@ -6,7 +6,7 @@ training loop and one evaluation serve all three:
 - "z": pixel embeddings (B, D, h, w)
 - "logits": cluster scores (B, K, h, w); argmax is the segmentation
 - "assign": softmax of the logits (B, K, h, w)
-- optional "z_unit"/"z_rec" (L_con), "recon" (L_rec), "centres" (L_orth)
+- optional "z_con"/"z_rec" (L_con), "recon" (L_rec), "centres" (L_orth)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class SAN(SegmentationModel):
             depth=cfg.vit_depth,
             weights=cfg.vit_weights,
         )
-        self.seat = SEAT(cfg.tau)
+        self.seat = SEAT(cfg.tau, cfg.seat_space)
         # Without L_rec the decoder would be dead weight, so it is not built.
         self.decoder = Decoder(cfg.embed_dim, cfg.decoder_dim, cfg.stride) if with_decoder else None
         self.centre_momentum = 0.9
