@@ -53,10 +53,11 @@ class ModelConfig:
     n_clusters: int = 5
     # SEAT softmax temperature tau: lower gives harder assignments; 0.05-0.2 works.
     tau: float = 0.1
-    # Where SEAT's reconstruction Z' and L_con live. "unit": Z' = A norm(S), compared with
-    # norm(Z), on the sphere the assignment is made on. "raw": Z' = A S compared with Z, as
-    # DESIGN.md writes L_con; on CamVid its centres collapse and its probe mIoU drops 7
-    # points (benchmarks/results/quality_seat_space.md), so keep it for ablations.
+    # Where SEAT's reconstruction Z' (which L_rec's decoder reads) and L_con live. "unit":
+    # Z' = A norm(S), compared with norm(Z), on the sphere the assignment is made on.
+    # "raw": Z' = A S compared with Z, as DESIGN.md writes L_con; on CamVid its centres
+    # collapse and its probe mIoU drops 7 points (benchmarks/results/quality_seat_space.md),
+    # so keep it for ablations.
     seat_space: str = "unit"
     # Width of the light reconstruction decoder.
     decoder_dim: int = 32

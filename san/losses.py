@@ -67,7 +67,7 @@ class SANLoss(nn.Module):
         self.mi_lambda = cfg.mi_lambda
 
     def active_terms(self, outputs: dict[str, torch.Tensor]) -> list[str]:
-        needs = {"mi": "assign", "con": "z_rec", "rec": "recon", "orth": "centres"}
+        needs = {"mi": "assign", "con": "z_con", "rec": "recon", "orth": "centres"}
         return [t for t in TERMS if self.weights[t] > 0 and needs[t] in outputs]
 
     def forward(

@@ -78,8 +78,9 @@ def forward_pair(model, batch):
     return split_outputs(both, batch["view1"].shape[0])
 
 
-def test_every_term_finite_and_reaches_its_parameters():
-    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8")
+@pytest.mark.parametrize("space", ["unit", "raw"])
+def test_every_term_finite_and_reaches_its_parameters(space):
+    cfg = tiny_cfg("data.image_size=32", "model.vit_patch_size=8", f"model.seat_space={space}")
     model = create_model(cfg)
     batch = make_batch()
     loss_fn = SANLoss(cfg.loss)
