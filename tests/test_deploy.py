@@ -286,6 +286,10 @@ def test_rayignore_keeps_the_upload_small(tmp_path: Path) -> None:
 
     names = zipfile.ZipFile(package).namelist()
     top = {n.split("/", 1)[0] for n in names}
+    assert not top & {".git", ".venv", "outputs", ".pytest_cache", ".ruff_cache"}, top
+    assert "pipelines" in top and "san" in top
+    assert package.stat().st_size < 5 * 2**20, f"upload is {package.stat().st_size} bytes"
+
     # The MLflow server's filled-in .env (deploy/README.md step 3) never travels.
     (tmp_path / "tree" / "deploy" / "mlflow").mkdir(parents=True)
     (tmp_path / "tree" / "deploy" / "mlflow" / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
@@ -295,9 +299,6 @@ def test_rayignore_keeps_the_upload_small(tmp_path: Path) -> None:
     create_package(str(tmp_path / "tree"), tmp_path / "tree.zip", include_gitignore=True)
     packed = zipfile.ZipFile(tmp_path / "tree.zip").namelist()
     assert "deploy/mlflow/env.example" in packed and "deploy/mlflow/.env" not in packed, packed
-    assert not top & {".git", ".venv", "outputs", ".pytest_cache", ".ruff_cache"}, top
-    assert "pipelines" in top and "san" in top
-    assert package.stat().st_size < 5 * 2**20, f"upload is {package.stat().st_size} bytes"
 
 
 # ---------------------------------------------------------------------------------------------
