@@ -198,31 +198,84 @@ class SweepReportCallback(TuneReportCallback):
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHA that records its stop decisions on the trial's MLflow run as they happen.
+    """ASHA that records its stop decisions on the trial's MLflow run as they happen, and
+    that a resumed sweep starts with the evaluations its trials made before the interrupt.
 
     A stopped trial's actor is killed, so nothing inside it can close its run; and a trial
     cut short by an interrupted sweep looks the same to Tune, so this tag is also how the
     summary (and a resumed sweep) tells an early stop from an interruption.
+
+    Tune checkpoints trials and the searcher, not the scheduler: a resumed sweep gets this
+    object as `build_tuner` made it, rungs empty, and its trials would be compared with
+    none of the results the sweep had, so no loser would be stopped at a rung the sweep
+    passed before the interrupt. `restore_rungs` puts those results back from MLflow.
     """
 
     def __init__(self, sweep: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.sweep = sweep
+        self.rungs_restored = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self.rungs_restored:  # once, before any trial of this attempt reports
+            self.rungs_restored = True
+            self.restore_rungs()
+        super().on_trial_add(tune_controller, trial)
+
+    def restore_rungs(self) -> int:
+        """Give ASHA every evaluation of the sweep's metric that its trials (the child runs
+        of the sweep's MLflow run) logged, in step order, under their trial ids, as Tune
+        had reported them; a resumed trial is then not compared again at a rung it passed.
+        Returns how many evaluations; none for a new sweep."""
+        from types import SimpleNamespace
+
+        from pipelines import tracking
+
+        (bracket,) = self._brackets  # build_scheduler asks for one
+        replayed, trials = 0, 0
+        try:
+            mlflow_client = tracking.client()
+            parent = mlflow_client.get_run(self.sweep["parent_run_id"]).info
+            children = mlflow_client.search_runs(
+                [parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+            )
+            for child in children:
+                trial_id = child.data.tags.get("san.trial_id")
+                history = mlflow_client.get_metric_history(child.info.run_id, self._metric)
+                if not trial_id or not history:
+                    continue
+                trials += 1
+                trial = SimpleNamespace(trial_id=trial_id)
+                for point in sorted(history, key=lambda m: (m.step, m.timestamp)):
+                    bracket.on_result(trial, point.step, self._metric_op * point.value)
+                    replayed += 1
+        except Exception as exc:  # tracking must never break the sweep
+            log.warning("ASHA starts with empty rungs: reading earlier trials failed: %s", exc)
+            return 0
+        if replayed:
+            log.info(
+                "ASHA: %d earlier evaluations of %d trials back in its rungs", replayed, trials
+            )
+        return replayed
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == TrialScheduler.STOP:
-            self._record_stop(trial, result)
-        return decision
-
-    def _record_stop(self, trial, result: dict) -> None:
-        from pipelines import tracking
-
+        if decision != TrialScheduler.STOP:
+            return decision
         space = self.sweep["space"]
         sampled = {p.key: trial.config.get(p.key) for p in space.params}
         cfg = trial_config(self.sweep["base"], space, sampled, self.sweep["name"], trial.trial_id)
         if result.get("step", 0) >= cfg.optim.max_steps:
-            return  # ASHA also says STOP at max_t: that trial simply finished
+            # Finished (ASHA says STOP at max_t): it ends by itself and closes its MLflow run
+            # as completed. Stopped, Tune killed it first, and the run showed RUNNING until
+            # the sweep ended.
+            return TrialScheduler.CONTINUE
+        self._record_stop(trial, cfg, result)
+        return decision
+
+    def _record_stop(self, trial, cfg: Config, result: dict) -> None:
+        from pipelines import tracking
+
         try:
             run_id = tracking.find_run(
                 cfg, trial_storage(self.sweep["storage"], self.sweep["name"])

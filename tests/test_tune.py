@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +184,68 @@ def test_asha_compares_a_resumed_trial_at_the_rung_of_its_step(tmp_path: Path, m
     assert report(late, 2, 1, 0.5) == TrialScheduler.STOP  # a first evaluation below 0.9
 
 
+def test_a_resumed_sweeps_asha_starts_with_the_evaluations_before_the_interrupt(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Tune does not checkpoint its scheduler: after --resume, ASHA's rungs come back from
+    the evaluations the sweep's trials logged to MLflow, so a new trial below them is
+    stopped, and a resumed trial is not compared again at a rung it passed. A new sweep
+    (no trials yet) starts empty. A trial is never stopped at its last step."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipelines import tracking
+    from pipelines.spaces import load_space
+    from pipelines.tune import build_scheduler, sweep_config, trial_config, trial_storage
+    from san.config import load_config
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    space = load_space(ROOT / "tune_spaces" / "quick.yaml")  # rungs at steps 2, 4 and 8
+    cfg = sweep_config(space, None, [])
+    storage = str(tmp_path / "ray")
+    parent_id, _ = tracking.start_run(load_config(None, ["run.name=sweep"]), storage)
+    sampled = {p.key: p.values[0] if p.values else p.low for p in space.params}
+    sweep = {"space": space, "base": cfg.to_dict(), "name": "sweep", "storage": storage}
+    sweep["parent_run_id"] = parent_id
+
+    def scheduler():  # as Tuner.restore hands it back: unpickled from the sweep's start
+        asha = pickle.loads(pickle.dumps(build_scheduler(space, cfg, sweep)))
+        asha.set_search_properties(space.metric, space.mode)
+        return asha
+
+    def report(asha, trial_id: str, step: int, value: float) -> str:
+        trial = SimpleNamespace(trial_id=trial_id, config=sampled)
+        if trial_id not in asha._trial_info:
+            asha.on_trial_add(None, trial)
+        result = {"step": step, "training_iteration": 1, space.metric: value}
+        return asha.on_trial_result(None, trial, result)
+
+    fresh = scheduler()
+    assert report(fresh, "late", 2, 0.75) == TrialScheduler.CONTINUE  # nothing to compare with
+
+    client = tracking.client()
+    for trial_id, values in (("a", {2: 0.9, 4: 0.8}), ("b", {2: 0.7, 4: 0.6})):
+        child_cfg = trial_config(cfg.to_dict(), space, sampled, "sweep", trial_id)
+        run_id, _ = tracking.start_run(
+            child_cfg, trial_storage(storage, "sweep"), parent_run_id=parent_id
+        )
+        client.set_tag(run_id, "san.trial_id", trial_id)
+        for step, value in values.items():
+            client.log_metric(run_id, space.metric, value, step=step)
+            client.log_metric(run_id, "loss", 1.0, step=step)  # other metrics: not rungs'
+
+    resumed = scheduler()
+    assert report(resumed, "late", 2, 0.75) == TrialScheduler.STOP  # below a, b's median 0.8
+    assert report(resumed, "b", 4, 0.1) == TrialScheduler.CONTINUE  # b passed rung 4 before
+    assert report(resumed, "next", 4, 0.65) == TrialScheduler.STOP  # a, b at step 4: 0.7
+    assert report(resumed, "good", 2, 0.95) == TrialScheduler.CONTINUE
+    # A trial's last evaluation (max_steps) below the rung: it has finished, and ends by
+    # itself, closing its run as completed (stopped, Tune killed it before that).
+    assert report(resumed, "good", 8, 0.0) == TrialScheduler.CONTINUE
+
+
 def test_a_report_without_the_sweeps_class_metric_reaches_tune_as_nan() -> None:
     """A sweep on iou/<class>: an evaluation where that class is absent reports no IoU for
     it, and Tune fails the whole sweep at a report without its metric."""
@@ -350,7 +413,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     def edit(space: dict) -> None:
         space["params"] = {"model.tau": {"choice": [0.1, 0.2]}}
         space["search"] = {"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 0}
-        space["scheduler"] = {"name": "none"}
+        space["scheduler"] = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
 
     space = space_file(tmp_path, "resume", edit)
     storage = tmp_path / "ray"
@@ -395,7 +458,12 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert client.get_run(result["parent_run_id"]).data.params["sweep.num_samples"] == "2"
     kids = children(client, result["parent_run_id"])
     assert len(kids) == 2
-    assert all(k.data.tags["stop_reason"] == "completed" for k in kids)
+    # ASHA starts the resumed sweep with the finished trial's 4 evaluations (Tune restores
+    # no scheduler state); the other trial may lose to them at a rung.
+    assert re.search(r"ASHA: ([4-9]) earlier evaluations of [12] trials", resumed.stderr)
+    reasons = sorted(k.data.tags["stop_reason"] for k in kids)
+    assert reasons in (["completed", "completed"], ["completed", "early_stopped_asha"])
+    assert result["n_early_stopped"] == reasons.count("early_stopped_asha")
     kept = client.get_run(done.info.run_id)
     assert kept.info.end_time == done.info.end_time  # the finished trial was not run again
     assert "san.resumed_at_step" not in kept.data.tags
