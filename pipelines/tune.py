@@ -41,6 +41,7 @@ from pipelines.common import (  # noqa: E402
     check_services,
     init_ray,
     on_local_ray,
+    one_line,
     print_result,
     resolve_local_paths,
     resolve_storage,
@@ -206,65 +207,71 @@ class RecordingASHA(ASHAScheduler):
     summary (and a resumed sweep) tells an early stop from an interruption.
 
     Tune checkpoints trials and the searcher, not the scheduler: a resumed sweep gets this
-    object as `build_tuner` made it, rungs empty, and its trials would be compared with
-    none of the results the sweep had, so no loser would be stopped at a rung the sweep
-    passed before the interrupt. `restore_rungs` puts those results back from MLflow.
+    object as `build_tuner` made it, rungs empty. Its trials would then be compared with
+    none of the results the sweep had (no loser stopped at a rung passed before the
+    interrupt), and a resumed trial again at rungs it had passed. `on_trial_add` puts each
+    restored trial's judged evaluations back (`restore_trial`).
     """
 
     def __init__(self, sweep: dict, **kwargs) -> None:
         super().__init__(**kwargs)
         self.sweep = sweep
-        self.rungs_restored = False
 
     def on_trial_add(self, tune_controller, trial) -> None:
-        if not self.rungs_restored:  # once, before any trial of this attempt reports
-            self.rungs_restored = True
-            self.restore_rungs()
         super().on_trial_add(tune_controller, trial)
+        # Tune's own record of the trial: a new one has not reported; a restored one
+        # (finished, stopped or cut short) keeps the last result Tune processed.
+        reported = trial.run_metadata.last_result.get("step")
+        if reported:
+            self.restore_trial(trial, int(reported))
 
-    def restore_rungs(self) -> int:
-        """Give ASHA every evaluation of the sweep's metric that its trials (the child runs
-        of the sweep's MLflow run) logged, in step order, under their trial ids, as Tune
-        had reported them; a resumed trial is then not compared again at a rung it passed.
-        Returns how many evaluations; none for a new sweep."""
-        from types import SimpleNamespace
+    def trial_config(self, trial) -> Config:
+        space = self.sweep["space"]
+        sampled = {p.key: trial.config.get(p.key) for p in space.params}
+        return trial_config(self.sweep["base"], space, sampled, self.sweep["name"], trial.trial_id)
 
+    def restore_trial(self, trial, reported_step: int) -> int:
+        """Record in ASHA's rungs what `trial` reported up to `reported_step`, read back
+        from its MLflow run: the sweep's metric at its evaluation steps (the ones it reports
+        to Tune at); the last value logged at a step, as a re-evaluation after an earlier
+        resume replaces the first. Returns how many evaluations."""
         from pipelines import tracking
 
-        (bracket,) = self._brackets  # build_scheduler asks for one
-        replayed, trials = 0, 0
+        cfg = self.trial_config(trial)
+        every, last = cfg.run.checkpoint_every, cfg.optim.max_steps
         try:
-            mlflow_client = tracking.client()
-            parent = mlflow_client.get_run(self.sweep["parent_run_id"]).info
-            children = mlflow_client.search_runs(
-                [parent.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.run_id}'"
+            run_id = tracking.find_run(
+                cfg, trial_storage(self.sweep["storage"], self.sweep["name"])
             )
-            for child in children:
-                trial_id = child.data.tags.get("san.trial_id")
-                history = mlflow_client.get_metric_history(child.info.run_id, self._metric)
-                if not trial_id or not history:
-                    continue
-                trials += 1
-                trial = SimpleNamespace(trial_id=trial_id)
-                for point in sorted(history, key=lambda m: (m.step, m.timestamp)):
-                    bracket.on_result(trial, point.step, self._metric_op * point.value)
-                    replayed += 1
+            history = tracking.client().get_metric_history(run_id, self._metric) if run_id else []
         except Exception as exc:  # tracking must never break the sweep
-            log.warning("ASHA starts with empty rungs: reading earlier trials failed: %s", exc)
-            return 0
-        if replayed:
-            log.info(
-                "ASHA: %d earlier evaluations of %d trials back in its rungs", replayed, trials
+            log.warning(
+                "ASHA: trial %s's earlier evaluations are unreadable (%s); it is judged on its "
+                "new ones only",
+                trial.trial_id,
+                one_line(exc, 200),
             )
-        return replayed
+            return 0
+        values = {}
+        for point in sorted(history, key=lambda m: m.timestamp):
+            if point.step <= reported_step and (point.step % every == 0 or point.step == last):
+                values[point.step] = point.value
+        bracket = self._trial_info[trial.trial_id]
+        for step in sorted(values):
+            bracket.on_result(trial, step, self._metric_op * values[step])
+        log.info(
+            "ASHA: trial %s's %d evaluations to step %d back in its rungs",
+            trial.trial_id,
+            len(values),
+            reported_step,
+        )
+        return len(values)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)
         if decision != TrialScheduler.STOP:
             return decision
-        space = self.sweep["space"]
-        sampled = {p.key: trial.config.get(p.key) for p in space.params}
-        cfg = trial_config(self.sweep["base"], space, sampled, self.sweep["name"], trial.trial_id)
+        cfg = self.trial_config(trial)
         if result.get("step", 0) >= cfg.optim.max_steps:
             # Finished (ASHA says STOP at max_t): it ends by itself and closes its MLflow run
             # as completed. Stopped, Tune killed it first, and the run showed RUNNING until
@@ -428,8 +435,8 @@ def finalize_children(rows: list[dict[str, Any]]) -> None:
             mlflow_client.set_tag(row["child_run_id"], "checkpoint_uri", row["checkpoint_uri"])
         mlflow_client.set_tag(row["child_run_id"], "san.steps_run", str(row["steps"]))
         # Set only a status that is not already right, so a resumed sweep leaves kept trials'
-        # runs untouched. It can be wrong: Tune kills a trial it stops, at ASHA's max_t too,
-        # and one killed as it finished has closed its own run as FAILED.
+        # runs untouched. It can be wrong: Tune kills a trial ASHA stops, and one killed as
+        # it finished has closed its own run as FAILED.
         if mlflow_client.get_run(row["child_run_id"]).info.status != status[row["stop_reason"]]:
             tracking.end_run(row["child_run_id"], status[row["stop_reason"]])
 

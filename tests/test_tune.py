@@ -166,8 +166,10 @@ def test_asha_compares_a_resumed_trial_at_the_rung_of_its_step(tmp_path: Path, m
     asha = build_scheduler(space, cfg, sweep)
     asha.set_search_properties(space.metric, space.mode)
     sampled = {p.key: p.values[0] if p.values else p.low for p in space.params}
+    never_reported = SimpleNamespace(last_result={})  # Tune's record of a trial: none yet
     fresh, resumed, late = (
-        SimpleNamespace(trial_id=name, config=sampled) for name in ("fresh", "resumed", "late")
+        SimpleNamespace(trial_id=name, config=sampled, run_metadata=never_reported)
+        for name in ("fresh", "resumed", "late")
     )
     for trial in (fresh, resumed, late):
         asha.on_trial_add(None, trial)
@@ -187,10 +189,11 @@ def test_asha_compares_a_resumed_trial_at_the_rung_of_its_step(tmp_path: Path, m
 def test_a_resumed_sweeps_asha_starts_with_the_evaluations_before_the_interrupt(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """Tune does not checkpoint its scheduler: after --resume, ASHA's rungs come back from
-    the evaluations the sweep's trials logged to MLflow, so a new trial below them is
-    stopped, and a resumed trial is not compared again at a rung it passed. A new sweep
-    (no trials yet) starts empty. A trial is never stopped at its last step."""
+    """Tune does not checkpoint its scheduler: after --resume, each restored trial's
+    evaluations come back into ASHA's rungs from its MLflow run, up to the last result Tune
+    kept of it. A new trial below them is stopped; a resumed trial is not compared again at
+    a rung it passed, and is at one it logged but Tune never judged. A trial is never
+    stopped at its last step."""
     import pickle
     from types import SimpleNamespace
 
@@ -209,41 +212,53 @@ def test_a_resumed_sweeps_asha_starts_with_the_evaluations_before_the_interrupt(
     sampled = {p.key: p.values[0] if p.values else p.low for p in space.params}
     sweep = {"space": space, "base": cfg.to_dict(), "name": "sweep", "storage": storage}
     sweep["parent_run_id"] = parent_id
+    client = tracking.client()
+    for trial_id, values in (
+        ("a", {2: 0.9, 4: 0.8}),  # finished its rungs
+        ("b", {2: 0.7, 4: 0.6}),  # interrupted after logging step 4, before Tune judged it
+        ("c", {2: 0.95, 4: 0.9}),  # interrupted after Tune judged step 4
+    ):
+        child_cfg = trial_config(cfg.to_dict(), space, sampled, "sweep", trial_id)
+        run_id, _ = tracking.start_run(
+            child_cfg, trial_storage(storage, "sweep"), parent_run_id=parent_id
+        )
+        client.set_tag(run_id, "san.trial_id", trial_id)  # as run_trial tags it
+        for step, value in values.items():
+            client.log_metric(run_id, space.metric, value, step=step)
+            client.log_metric(run_id, "loss", 1.0, step=step)  # other metrics: not rungs'
 
     def scheduler():  # as Tuner.restore hands it back: unpickled from the sweep's start
         asha = pickle.loads(pickle.dumps(build_scheduler(space, cfg, sweep)))
         asha.set_search_properties(space.metric, space.mode)
         return asha
 
-    def report(asha, trial_id: str, step: int, value: float) -> str:
-        trial = SimpleNamespace(trial_id=trial_id, config=sampled)
-        if trial_id not in asha._trial_info:
-            asha.on_trial_add(None, trial)
+    def trial(trial_id: str, last_result: dict) -> SimpleNamespace:
+        metadata = SimpleNamespace(last_result=last_result)  # the last result Tune processed
+        return SimpleNamespace(trial_id=trial_id, config=sampled, run_metadata=metadata)
+
+    # A new sweep under the same MLflow run (its Ray folder deleted): nothing to compare with.
+    new = scheduler()
+    new.on_trial_add(None, trial("z", {}))
+    new_result = {"step": 2, "training_iteration": 1, space.metric: 0.1}
+    assert new.on_trial_result(None, trial("z", {}), new_result) == TrialScheduler.CONTINUE
+
+    asha = scheduler()
+    for trial_id, step in (("a", 4), ("b", 2), ("c", 4)):  # as Tune restores them
+        asha.on_trial_add(None, trial(trial_id, {"step": step}))
+
+    def report(trial_id: str, step: int, value: float) -> str:
+        if trial_id not in asha._trial_info:  # a trial new to the resumed sweep
+            asha.on_trial_add(None, trial(trial_id, {}))
         result = {"step": step, "training_iteration": 1, space.metric: value}
-        return asha.on_trial_result(None, trial, result)
+        return asha.on_trial_result(None, trial(trial_id, {}), result)
 
-    fresh = scheduler()
-    assert report(fresh, "late", 2, 0.75) == TrialScheduler.CONTINUE  # nothing to compare with
-
-    client = tracking.client()
-    for trial_id, values in (("a", {2: 0.9, 4: 0.8}), ("b", {2: 0.7, 4: 0.6})):
-        child_cfg = trial_config(cfg.to_dict(), space, sampled, "sweep", trial_id)
-        run_id, _ = tracking.start_run(
-            child_cfg, trial_storage(storage, "sweep"), parent_run_id=parent_id
-        )
-        client.set_tag(run_id, "san.trial_id", trial_id)
-        for step, value in values.items():
-            client.log_metric(run_id, space.metric, value, step=step)
-            client.log_metric(run_id, "loss", 1.0, step=step)  # other metrics: not rungs'
-
-    resumed = scheduler()
-    assert report(resumed, "late", 2, 0.75) == TrialScheduler.STOP  # below a, b's median 0.8
-    assert report(resumed, "b", 4, 0.1) == TrialScheduler.CONTINUE  # b passed rung 4 before
-    assert report(resumed, "next", 4, 0.65) == TrialScheduler.STOP  # a, b at step 4: 0.7
-    assert report(resumed, "good", 2, 0.95) == TrialScheduler.CONTINUE
+    assert report("late", 2, 0.75) == TrialScheduler.STOP  # below a, b, c's median 0.9
+    assert report("c", 6, 0.0) == TrialScheduler.CONTINUE  # c passed rungs 2 and 4
+    assert report("b", 4, 0.6) == TrialScheduler.STOP  # a, c at step 4: 0.85
+    assert report("good", 2, 0.95) == TrialScheduler.CONTINUE
     # A trial's last evaluation (max_steps) below the rung: it has finished, and ends by
     # itself, closing its run as completed (stopped, Tune killed it before that).
-    assert report(resumed, "good", 8, 0.0) == TrialScheduler.CONTINUE
+    assert report("good", 8, 0.0) == TrialScheduler.CONTINUE
 
 
 def test_a_report_without_the_sweeps_class_metric_reaches_tune_as_nan() -> None:
@@ -408,11 +423,22 @@ def test_quick_sweep_asha_stops_the_clear_loser(tmp_path: Path, mlflow_server) -
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     tmp_path: Path, mlflow_server
 ) -> None:
+    """Interrupted once its first trial has finished; rerun, refused; --resume runs the
+    other trial only. The trials run one after the other, a 2-class scene with K=2, then an
+    8-class one (mIoU <= 2/8: below the first at its first evaluation, see the ASHA test),
+    so the second loses at a rung only the resumed ASHA's restored records hold."""
     from mlflow.tracking import MlflowClient
 
     def edit(space: dict) -> None:
-        space["params"] = {"model.tau": {"choice": [0.1, 0.2]}}
-        space["search"] = {"algorithm": "random", "num_samples": 2, "max_concurrent": 1, "seed": 0}
+        space["params"] = {
+            "scene": {
+                "grid": {
+                    "easy": {"data.synthetic_classes": 2, "model.n_clusters": 2},
+                    "hard": {"data.synthetic_classes": 8, "model.n_clusters": 2},
+                }
+            }
+        }
+        space["search"] = {"algorithm": "random", "num_samples": 1, "max_concurrent": 1, "seed": 0}
         space["scheduler"] = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
 
     space = space_file(tmp_path, "resume", edit)
@@ -455,15 +481,25 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     result = json.loads(resumed.stdout.strip().splitlines()[-1])
 
-    assert client.get_run(result["parent_run_id"]).data.params["sweep.num_samples"] == "2"
+    assert client.get_run(result["parent_run_id"]).data.params["sweep.num_samples"] == "1"
     kids = children(client, result["parent_run_id"])
     assert len(kids) == 2
     # ASHA starts the resumed sweep with the finished trial's 4 evaluations (Tune restores
-    # no scheduler state); the other trial may lose to them at a rung.
-    assert re.search(r"ASHA: ([4-9]) earlier evaluations of [12] trials", resumed.stderr)
-    reasons = sorted(k.data.tags["stop_reason"] for k in kids)
-    assert reasons in (["completed", "completed"], ["completed", "early_stopped_asha"])
-    assert result["n_early_stopped"] == reasons.count("early_stopped_asha")
+    # no scheduler state), so the other trial is stopped at the first rung (step 2 or 4)
+    # where it is below them: the hard scene's, at its first.
+    assert re.search(r"ASHA: trial \S+'s 4 evaluations to step 8 back", resumed.stderr)
+    metric = yaml.safe_load(space.read_text())["metric"]
+    (other,) = [k for k in kids if k.info.run_id != done.info.run_id]
+    first, second = (
+        {m.step: m.value for m in client.get_metric_history(run.info.run_id, metric)}
+        for run in (done, other)
+    )
+    losing = [step for step in (2, 4) if step in second and second[step] < first[step]]
+    expected = ("early_stopped_asha", str(losing[0])) if losing else ("completed", None)
+    tags = other.data.tags
+    assert (tags["stop_reason"], tags.get("san.stopped_at_step")) == expected, (first, second)
+    assert tags["san.group.scene"] == "hard" and losing[:1] == [2], (first, second)
+    assert result["n_early_stopped"] == len(losing[:1])
     kept = client.get_run(done.info.run_id)
     assert kept.info.end_time == done.info.end_time  # the finished trial was not run again
     assert "san.resumed_at_step" not in kept.data.tags
